@@ -1,0 +1,187 @@
+"""Export: a serving SavedModel (send a JPEG, get features) and a reusable trunk.
+
+  serving/   signatures `serving_default(image_bytes: string[B])` and
+             `features_from_pixels(images: float32[B, H, W, 3] in 0..255)`, each returning
+             {'fc7': [B, D], 'conv<i>': [B, C_i] average-pooled}; decoding, resizing,
+             center crop, normalisation and Sobel are in the graph.
+  trunk/     TF-Hub-style reusable trunk: `__call__(images, training)` -> fc7 features for
+             normalised images, traced for training True and False, with `variables`,
+             `trainable_variables`, `regularization_losses`; loads with
+             `tf.saved_model.load` or `keras.layers.TFSMLayer(path, call_endpoint='serve',
+             call_training_endpoint='train', trainable=True)`.
+  model_card.json   config, training data, epoch, and the sha256 of each export.
+
+Usage: python -m dc_tf.export --model_dir=runs/demo --export_dir=runs/demo/export
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from dc_tf.data import preprocess
+
+DEFAULT_CONV_ENDPOINTS = ("conv4", "conv7", "conv10", "conv13")
+
+
+class ExportError(RuntimeError):
+  """A missing, corrupt or tampered export; the message names the directory."""
+
+
+class ServingModule(tf.Module):
+  """Forward pass only, preprocessing inside, fixed dtypes."""
+
+  def __init__(self, trunk: keras.Model, image_size: int,
+               conv_endpoints=DEFAULT_CONV_ENDPOINTS):
+    super().__init__(name="dc_tf_serving")
+    self.trunk = trunk
+    self.image_size = image_size
+    self.conv_endpoints = tuple(conv_endpoints)
+
+  def _features(self, images):
+    out = self.trunk(images, training=False)
+    feats = {"fc7": tf.cast(out["fc7"], tf.float32)}
+    for name in self.conv_endpoints:
+      feats[name] = tf.reduce_mean(tf.cast(out[name], tf.float32), axis=[1, 2])
+    return feats
+
+  def _prepare(self, image):
+    return preprocess.eval_transform(image, self.image_size)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  def serve_bytes(self, image_bytes):
+    def decode(b):
+      image = tf.io.decode_image(b, channels=3, expand_animations=False)
+      image.set_shape([None, None, 3])
+      return self._prepare(image)
+    images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
+        [self.image_size, self.image_size, 3], tf.float32))
+    return self._features(images)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+  def serve_pixels(self, images):
+    images = tf.map_fn(self._prepare, images, fn_output_signature=tf.TensorSpec(
+        [self.image_size, self.image_size, 3], tf.float32))
+    return self._features(images)
+
+
+class TrunkModule(tf.Module):
+  """TF-Hub-style reusable trunk over normalised images [B, S, S, 3]."""
+
+  # Plain attributes rather than tf.Module's properties, so they are saved and reloaded
+  # (the TF-Hub reusable SavedModel convention).
+  variables = None
+  trainable_variables = None
+
+  def __init__(self, trunk: keras.Model, image_size: int, weight_decay: float = 1e-5):
+    super().__init__(name="dc_tf_trunk")
+    self.trunk = trunk
+    # Dropout's seed-generator state is not tracked by the Keras model; the training-mode
+    # trace captures it, so the module must hold it to be saveable.
+    self.seed_states = [layer.seed_generator.state for layer in trunk.layers
+                        if getattr(layer, "seed_generator", None) is not None]
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
+    self.serve = tf.function(lambda images: self._call(images, False), input_signature=[spec])
+    self.train = tf.function(lambda images: self._call(images, True), input_signature=[spec])
+    self.variables = list(trunk.variables)
+    self.trainable_variables = list(trunk.trainable_variables)
+    kernels = [v for v in trunk.trainable_variables if "kernel" in v.path]
+    self.regularization_losses = [tf.function(
+        lambda: 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels]),
+        input_signature=[])]
+
+  def _call(self, images, training):
+    return tf.cast(self.trunk(images, training=training)["fc7"], tf.float32)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),
+      tf.TensorSpec([], tf.bool, name="training")])
+  def __call__(self, images, training=False):
+    return tf.cond(training, lambda: self._call(images, True), lambda: self._call(images, False))
+
+
+def _dir_sha256(path: str) -> str:
+  """sha256 over every file of a SavedModel directory (names and bytes, sorted)."""
+  digest = hashlib.sha256()
+  for root, _, files in sorted(tf.io.gfile.walk(path)):
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      digest.update(os.path.relpath(full, path).encode())
+      with tf.io.gfile.GFile(full, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict | None = None,
+           epoch: int = -1, training_data: str = "", weight_decay: float = 1e-5,
+           conv_endpoints=DEFAULT_CONV_ENDPOINTS) -> dict:
+  """Writes serving/ and trunk/ SavedModels and model_card.json; returns the card."""
+  serving = ServingModule(trunk, image_size, conv_endpoints)
+  serving_dir = os.path.join(export_dir, "serving")
+  tf.saved_model.save(serving, serving_dir, signatures={
+      "serving_default": serving.serve_bytes.get_concrete_function(),
+      "features_from_pixels": serving.serve_pixels.get_concrete_function()})
+  trunk_module = TrunkModule(trunk, image_size, weight_decay)
+  trunk_dir = os.path.join(export_dir, "trunk")
+  tf.saved_model.save(trunk_module, trunk_dir)
+  card = {
+      "model": "DeeperCluster VGG-16-BN trunk (dc_tf)",
+      "reference": "Caron et al., ICCV 2019, Unsupervised Pre-training of Image Features "
+                   "on Non-Curated Data",
+      "image_size": image_size, "epoch": epoch, "training_data": training_data,
+      "parameters": int(trunk.count_params()), "conv_endpoints": list(conv_endpoints),
+      "config": config or {},
+      "sha256": {"serving": _dir_sha256(serving_dir), "trunk": _dir_sha256(trunk_dir)},
+      "inputs": {"serving_default": "encoded image bytes (JPEG/PNG/GIF/BMP), string[B]",
+                 "features_from_pixels": "float32 RGB in 0..255, [B, H, W, 3]",
+                 "trunk": "ImageNet mean/std normalised RGB, [B, S, S, 3]"},
+  }
+  with tf.io.gfile.GFile(os.path.join(export_dir, "model_card.json"), "w") as f:
+    f.write(json.dumps(card, indent=2))
+  return card
+
+
+def load(path: str, verify: bool = True):
+  """Loads serving/ or trunk/ (or an export dir: serving/) with clear errors, checking the
+  model card's sha256 when one is next to it (a mismatch refuses to load)."""
+  if not tf.io.gfile.isdir(path):
+    raise ExportError(f"export directory not found: {path}")
+  if tf.io.gfile.isdir(os.path.join(path, "serving")):
+    path = os.path.join(path, "serving")
+  if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+    raise ExportError(f"not a SavedModel (no saved_model.pb): {path}")
+  card_path = os.path.join(os.path.dirname(path.rstrip("/")), "model_card.json")
+  if verify and tf.io.gfile.exists(card_path):
+    with tf.io.gfile.GFile(card_path) as f:
+      expected = json.load(f).get("sha256", {}).get(os.path.basename(path.rstrip("/")))
+    if expected and expected != _dir_sha256(path):
+      raise ExportError(f"checksum mismatch for {path}: the export was modified after it "
+                        f"was written (model card {card_path}); refusing to load")
+  try:
+    return tf.saved_model.load(path)
+  except Exception as e:  # noqa: BLE001 - any loader failure means a corrupt export
+    raise ExportError(f"cannot load SavedModel at {path}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}") from e
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from dc_tf.training import checkpointing
+  f = flags.FLAGS
+  trunk, config, epoch = checkpointing.load_trunk(f.model_dir)
+  card = export(trunk, f.export_dir or os.path.join(f.model_dir, "export"),
+                image_size=config.model.image_size, config=config.to_dict(), epoch=epoch,
+                training_data=config.data.data_pattern, weight_decay=config.train.weight_decay)
+  print(json.dumps(card["sha256"], indent=1))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("model_dir", None, "Training run directory (checkpoints).", required=True)
+  flags.DEFINE_string("export_dir", "", "Where to write (default MODEL_DIR/export).")
+  app.run(main)
