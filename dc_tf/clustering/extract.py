@@ -1,0 +1,56 @@
+"""Feature extraction for reassignment: pre-ReLU fc7 of non-rotated, center-cropped images.
+
+Each worker reads its own shards (file-level split by `InputContext`) and keeps its
+features and image ids in memory; nothing is written to disk or exchanged here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from dc_tf.data import reader
+
+
+def extract(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
+            endpoints=("fc7",), input_context=None, progress: bool = True,
+            max_images: int = 0) -> dict:
+  """Runs the trunk (inference mode) over every image once, in shard order.
+
+  Returns {endpoint: float32 [n, ...] for each endpoint, 'image_id': int64 [n],
+  'label': int64 [n], 'user_id'/'tags'/'device': bytes [n], 'lat'/'lon': [n],
+  'skipped': bad records dropped}.
+  """
+  ds = reader.build_extraction_dataset(pattern, image_size=image_size, batch_size=batch_size,
+                                       input_context=input_context)
+
+  @tf.function(reduce_retracing=True)
+  def forward(images):
+    out = trunk(images, training=False)
+    return {e: tf.cast(out[e], tf.float32) for e in endpoints}
+
+  keys = ("image_id", "label", "user_id", "tags", "device", "lat", "lon")
+  cols: dict[str, list] = {k: [] for k in (*endpoints, *keys)}
+  skipped, seen = 0, 0
+  bar = tqdm(unit="img", desc="extracting features", disable=not progress, leave=False)
+  for batch in ds:
+    feats = forward(batch["image"])
+    for e in endpoints:
+      cols[e].append(feats[e].numpy())
+    for k in keys:
+      cols[k].append(batch[k].numpy())
+    skipped = max(skipped, int(batch["skipped"].numpy().max()))
+    n = int(batch["image_id"].shape[0])
+    seen += n
+    bar.update(n)
+    if max_images and seen >= max_images:
+      break
+  bar.close()
+  if not cols["image_id"]:
+    raise reader.DataError(f"no decodable image in {pattern!r} ({skipped} bad records skipped)")
+  out = {k: np.concatenate(v) for k, v in cols.items()}
+  if max_images:
+    out = {k: v[:max_images] for k, v in out.items()}
+  out["skipped"] = skipped
+  return out

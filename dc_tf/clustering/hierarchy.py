@@ -1,0 +1,104 @@
+"""Hierarchical clustering for DeeperCluster (Caron et al., ICCV 2019, Sec. 3.3-3.4).
+
+m super-clusters by k-means on all (whitened) features; then, for each super-cluster in
+turn, k sub-clusters of its members, all replicas taking part. The result is a global
+table image id -> (super-cluster, sub-cluster) that every worker ends up holding,
+gathered with collectives (no files, no shared disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from dc_tf import distribute as dist
+from dc_tf.clustering import kmeans as km
+from dc_tf.clustering import pca
+
+
+@dataclasses.dataclass
+class Assignment:
+  """The global pseudo-label table, sorted by image id."""
+  image_ids: np.ndarray       # int64 [N]
+  super_cluster: np.ndarray   # int32 [N] in [0, m)
+  sub_cluster: np.ndarray     # int32 [N] in [0, k)
+  resplit: int = 0            # empty clusters re-split, all k-means runs
+  inertia: float = 0.0        # sum over the sub-cluster runs
+
+  @property
+  def flat_labels(self) -> np.ndarray:
+    """One label per (super, sub) pair, for the sampler and NMI."""
+    k = int(self.sub_cluster.max()) + 1 if len(self.sub_cluster) else 1
+    return self.super_cluster.astype(np.int64) * k + self.sub_cluster
+
+
+def _gather_fn(strategy):
+  @tf.function(reduce_retracing=True)
+  def gather(dist_values):
+    def fn(v):
+      return tf.distribute.get_replica_context().all_gather(v, axis=0)
+    return strategy.run(fn, args=(dist_values,))
+  return gather
+
+
+def gather_table(strategy, local_columns: list[np.ndarray]) -> np.ndarray:
+  """Concatenates every replica's int64 rows [n_r, c] in replica order, on every worker
+  (padded to the largest replica for the all_gather, then un-padded)."""
+  kmeans = km.DistributedKMeans(strategy)
+  sizes = kmeans.replica_sizes(local_columns)
+  width = int(sizes.max())
+  padded = [np.pad(np.asarray(c, np.int64), [(0, width - len(c)), (0, 0)]) for c in local_columns]
+  out = dist.first_local(strategy, _gather_fn(strategy)(dist.distribute_local(strategy, padded)))
+  out = out.numpy().reshape(len(sizes), width, -1)
+  return np.concatenate([out[r, :sizes[r]] for r in range(len(sizes))])
+
+
+def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarray], *,
+            m: int, k: int, iters: int = 20, pca_dim: int = 0, pca_sample: int = 0,
+            seed: int = 0, init: str = "random", chunk_size: int = 8192) -> Assignment:
+  """Whitens, clusters into m super-clusters then k sub-clusters each; returns the table.
+
+  A super-cluster with fewer than k members gets as many sub-clusters as members (a
+  warning is logged); an empty one gets none.
+  """
+  whitening = pca.fit_whitening(strategy, local_features, pca_dim, pca_sample)
+  local_w = [whitening.apply(x) for x in local_features]
+  kmeans = km.DistributedKMeans(strategy, chunk_size)
+  resplit, inertia = 0, 0.0
+  if m > 1:
+    top = kmeans.fit(local_w, m, iters, seed=seed, init=init, log_prefix="super-clusters")
+    local_super = top.assignments
+    resplit += top.resplit
+  else:
+    local_super = [np.zeros(len(x), np.int32) for x in local_w]
+  local_sub = [np.zeros(len(x), np.int32) for x in local_w]
+  for s in range(m):
+    members = [sup == s for sup in local_super]
+    subset = [w[mask] for w, mask in zip(local_w, members)]
+    n_s = int(kmeans.replica_sizes(subset).sum())
+    if n_s == 0:
+      logging.warning("super-cluster %d is empty: no sub-clusters", s)
+      continue
+    k_s = min(k, n_s)
+    if k_s < k:
+      logging.warning("super-cluster %d has %d members < k=%d: using %d sub-clusters",
+                      s, n_s, k, k_s)
+    res = kmeans.fit(subset, k_s, iters, seed=seed + 1 + s, init=init,
+                     log_prefix=f"sub-clusters of {s}")
+    resplit += res.resplit
+    inertia += res.inertia
+    for sub, mask, a in zip(local_sub, members, res.assignments):
+      sub[mask] = a
+  columns = [np.stack([ids, sup, sub], axis=1)
+             for ids, sup, sub in zip(local_ids, local_super, local_sub)]
+  table = gather_table(strategy, columns)
+  order = np.argsort(table[:, 0], kind="stable")
+  table = table[order]
+  if len(np.unique(table[:, 0])) != len(table):
+    raise km.ClusteringError("duplicate image ids across shards: the id -> cluster table "
+                             "would be ambiguous (were shards written twice?)")
+  return Assignment(table[:, 0], table[:, 1].astype(np.int32), table[:, 2].astype(np.int32),
+                    resplit, inertia)
