@@ -1,0 +1,90 @@
+"""Every absl flag of train.py, defined in one place and turned into the frozen config.
+
+Presets are flagfiles in flags/ (`--flagfile=flags/demo.cfg`); flags given after the
+flagfile override it. `config_from_flags` is the only reader of FLAGS.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from dc_tf.config import (ClusteringConfig, DataConfig, ExperimentConfig, ModelConfig,
+                          TrainConfig, MODES)
+
+FLAGS = flags.FLAGS
+_D, _M, _C, _T = DataConfig(), ModelConfig(), ClusteringConfig(), TrainConfig()
+
+
+def define_train_flags() -> None:
+  # data
+  flags.DEFINE_string("data_pattern", _D.data_pattern, "Training TFRecord shards (glob, gs:// ok).")
+  flags.DEFINE_string("eval_pattern", _D.eval_pattern, "Labelled held-out shards for the kNN monitor.")
+  flags.DEFINE_integer("image_size", _D.image_size, "Input size in pixels (paper: 224).")
+  flags.DEFINE_float("crop_scale_min", _D.crop_scale_min, "RandomResizedCrop minimum area.")
+  flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "Shuffle buffer (examples).")
+  # model
+  flags.DEFINE_float("width", _M.width, "Channel-width multiplier (paper: 1).")
+  flags.DEFINE_integer("fc_dim", _M.fc_dim, "fc6/fc7 units; 0 = 4096 * width.")
+  flags.DEFINE_bool("sobel", _M.sobel, "Frozen Sobel front (False: raw RGB).")
+  flags.DEFINE_float("dropout", _M.dropout, "Dropout after fc6.")
+  # clustering
+  flags.DEFINE_integer("m", _C.m, "Super-clusters (paper: 4).")
+  flags.DEFINE_integer("k", _C.k, "Sub-clusters per super-cluster (paper: 80000).")
+  flags.DEFINE_integer("reassign_every", _C.reassign_every, "T: epochs between reassignments.")
+  flags.DEFINE_integer("pca_dim", _C.pca_dim, "PCA dimension before k-means; 0 = keep all.")
+  flags.DEFINE_integer("pca_sample", _C.pca_sample, "Rows to fit PCA on; 0 = all.")
+  flags.DEFINE_integer("kmeans_iters", _C.kmeans_iters, "Lloyd iterations.")
+  flags.DEFINE_enum("kmeans_init", _C.kmeans_init, ["random", "kmeans++"], "k-means seeding.")
+  flags.DEFINE_integer("chunk_size", _C.chunk_size, "Rows per k-means assignment chunk.")
+  # training
+  flags.DEFINE_enum("mode", _T.mode, list(MODES), "deepercluster | rotnet | deepcluster.")
+  flags.DEFINE_string("model_dir", _T.model_dir, "Run directory (checkpoints, logs, export).")
+  flags.DEFINE_integer("epochs", _T.epochs, "Epochs.")
+  flags.DEFINE_integer("epoch_size", _T.epoch_size, "Images drawn per epoch; 0 = pool size.")
+  flags.DEFINE_integer("batch_per_replica", _T.batch_per_replica, "Examples per replica and step.")
+  flags.DEFINE_bool("all_rotations", _T.all_rotations, "Each image with its 4 rotations in a batch.")
+  flags.DEFINE_float("lr", _T.lr, "Base learning rate.")
+  flags.DEFINE_float("warmup_epochs", _T.warmup_epochs, "Linear warm-up, in epochs.")
+  flags.DEFINE_enum("schedule", _T.schedule, ["constant", "cosine"], "Learning-rate schedule.")
+  flags.DEFINE_float("momentum", _T.momentum, "SGD momentum.")
+  flags.DEFINE_float("weight_decay", _T.weight_decay, "Coupled L2 weight decay.")
+  flags.DEFINE_bool("uniform_sampler", _T.uniform_sampler, "Sample epochs uniformly over clusters.")
+  flags.DEFINE_bool("reinit_heads", _T.reinit_heads, "Re-initialise heads after reassignment.")
+  flags.DEFINE_enum("sub_head_impl", _T.sub_head_impl, ["group", "gather"], "Sub-head logits.")
+  flags.DEFINE_integer("steps_per_loop", _T.steps_per_loop, "Train steps per tf.function call.")
+  flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints.")
+  flags.DEFINE_integer("keep_checkpoints", _T.keep_checkpoints, "Checkpoints kept.")
+  flags.DEFINE_integer("seed", _T.seed, "Seed for sampling, augmentation and clustering.")
+  flags.DEFINE_bool("mixed_precision", _T.mixed_precision, "mixed_float16 (GPU).")
+  flags.DEFINE_bool("jit_compile", _T.jit_compile, "XLA-compile the train step (GPU).")
+  flags.DEFINE_string("init_checkpoint", _T.init_checkpoint, "Start the trunk from this run/ckpt.")
+  flags.DEFINE_string("export_dir", _T.export_dir, "Export here at the end ('' = MODEL_DIR/export).")
+  flags.DEFINE_bool("knn_monitor", _T.knn_monitor, "kNN on --eval_pattern at each reassignment.")
+  flags.DEFINE_float("collective_timeout", _T.collective_timeout, "Seconds; 0 = wait forever.")
+  flags.DEFINE_float("max_minutes", 0.0, "Stop (resumably) after this many minutes; 0 = no limit.")
+
+
+def config_from_flags() -> ExperimentConfig:
+  f = FLAGS
+  config = ExperimentConfig(
+      data=DataConfig(data_pattern=f.data_pattern, eval_pattern=f.eval_pattern,
+                      image_size=f.image_size, crop_scale_min=f.crop_scale_min,
+                      shuffle_buffer=f.shuffle_buffer),
+      model=ModelConfig(image_size=f.image_size, width=f.width, fc_dim=f.fc_dim, sobel=f.sobel,
+                        dropout=f.dropout),
+      clustering=ClusteringConfig(m=f.m, k=f.k, reassign_every=f.reassign_every,
+                                  pca_dim=f.pca_dim, pca_sample=f.pca_sample,
+                                  kmeans_iters=f.kmeans_iters, kmeans_init=f.kmeans_init,
+                                  chunk_size=f.chunk_size, seed=f.seed),
+      train=TrainConfig(mode=f.mode, model_dir=f.model_dir, epochs=f.epochs,
+                        epoch_size=f.epoch_size, batch_per_replica=f.batch_per_replica,
+                        all_rotations=f.all_rotations, lr=f.lr, warmup_epochs=f.warmup_epochs,
+                        schedule=f.schedule, momentum=f.momentum, weight_decay=f.weight_decay,
+                        uniform_sampler=f.uniform_sampler, reinit_heads=f.reinit_heads,
+                        sub_head_impl=f.sub_head_impl, steps_per_loop=f.steps_per_loop,
+                        checkpoint_every=f.checkpoint_every,
+                        keep_checkpoints=f.keep_checkpoints, seed=f.seed,
+                        mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
+                        init_checkpoint=f.init_checkpoint, export_dir=f.export_dir,
+                        knn_monitor=f.knn_monitor, collective_timeout=f.collective_timeout))
+  return config.validate()

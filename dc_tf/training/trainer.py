@@ -1,0 +1,318 @@
+"""The DeeperCluster training loop: custom, under tf.distribute, resumable.
+
+Per epoch: (every T epochs) reassign -> sample an epoch uniformly over clusters ->
+`steps_per_loop` train steps per tf.function call -> checkpoint. Modes: deepercluster
+(S = 4m super-classes, k sub-classes), rotnet (S = 4, no clustering), deepcluster
+(m = 1, no rotation, k classes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.metrics import normalized_mutual_info_score
+from tqdm import tqdm
+
+from dc_tf import distribute as dist
+from dc_tf.clustering import extract, hierarchy
+from dc_tf.config import ExperimentConfig
+from dc_tf.data import reader, sampler
+from dc_tf.models import heads as heads_lib
+from dc_tf.models import vgg
+from dc_tf.training import checkpointing, losses
+
+METRICS = ("loss", "super_loss", "sub_loss", "super_correct", "sub_correct")
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+class Trainer:
+  """Owns the model, optimizer, cluster state and checkpoints of one run.
+
+  Args:
+    config: a validated ExperimentConfig.
+    strategy: from `dc_tf.distribute.make_strategy`.
+  """
+
+  def __init__(self, config: ExperimentConfig, strategy: tf.distribute.Strategy):
+    self.config, self.strategy = config, strategy
+    t, mc = config.train, config.model
+    self.global_batch = t.batch_per_replica * strategy.num_replicas_in_sync
+    self.is_chief = dist.is_chief(strategy)
+    if t.mixed_precision:
+      keras.mixed_precision.set_global_policy("mixed_float16")
+    with strategy.scope():
+      self.trunk = vgg.trunk_from_config(mc)
+      self.heads = heads_lib.HierarchicalHeads(config.num_super_classes, config.num_sub_classes,
+                                               impl=t.sub_head_impl, dtype="float32")
+      self.heads.build([None, mc.fc_units])
+      self.optimizer = keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum)
+      self.variables = self.trunk.trainable_variables + self.heads.trainable_variables
+      self.optimizer.build(self.variables)
+      self.step = tf.Variable(0, dtype=tf.int64, name="step", trainable=False)
+      # Cluster state (explicit, checkpointed): the id -> (super, sub) table and the epoch
+      # it was computed at, so a resumed run does not re-cluster.
+      none = tf.TensorShape(None)
+      self.table_ids = tf.Variable(np.zeros([0], np.int64), shape=none, trainable=False)
+      self.table_super = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
+      self.table_sub = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
+      self.assignment_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
+    self.checkpoint = tf.train.Checkpoint(
+        trunk=self.trunk, heads=self.heads, optimizer=self.optimizer, step=self.step,
+        table_ids=self.table_ids, table_super=self.table_super, table_sub=self.table_sub,
+        assignment_epoch=self.assignment_epoch)
+    ckpt_dir = os.path.join(t.model_dir, "ckpt")
+    if not self.is_chief:  # only the chief writes the real checkpoint
+      ckpt_dir = os.path.join(t.model_dir, "tmp", f"worker-{dist.worker_index(strategy)}")
+    self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, t.keep_checkpoints)
+    self.writer = (tf.summary.create_file_writer(os.path.join(t.model_dir, "tb"))
+                   if self.is_chief else tf.summary.create_noop_writer())
+    self._train_loop = self._make_train_loop()
+    self.previous_labels: np.ndarray | None = None
+    self.history: list[dict] = []
+
+  # --- one step ------------------------------------------------------------------------
+  def _replica_step(self, batch):
+    cfg = self.config
+    with tf.GradientTape() as tape:
+      out = self.trunk(batch["image"], training=True)
+      h = tf.nn.relu(tf.cast(out["fc7"], tf.float32))  # heads take ReLU(fc7)
+      super_logits = self.heads.super_logits(h)
+      sub_logits = (self.heads.sub_logits(h, batch["super_class"])
+                    if cfg.num_sub_classes else None)
+      terms = losses.hierarchical_loss(super_logits, batch["super_class"], sub_logits,
+                                       batch["sub_class"], self.global_batch)
+    grads = tape.gradient(terms["loss"], self.variables)
+    grads = losses.coupled_weight_decay(grads, self.variables, cfg.train.weight_decay)
+    self.optimizer.apply_gradients(zip(grads, self.variables))
+    terms["skipped"] = tf.cast(tf.reduce_max(batch["skipped"]), tf.float32)
+    return terms
+
+  def _make_train_loop(self):
+    strategy = self.strategy
+
+    def loop(iterator, steps):
+      totals = {k: tf.constant(0.0) for k in (*METRICS, "skipped")}
+      for _ in tf.range(steps):
+        terms = strategy.run(self._replica_step, args=(next(iterator),))
+        reduced = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, terms[k], axis=None)
+                   for k in (*METRICS, "skipped")}
+        # Rebind (not mutate) the dict, so autograph carries it as a loop variable.
+        totals = {k: (tf.maximum(totals[k], reduced[k]) if k == "skipped"
+                      else totals[k] + reduced[k]) for k in totals}
+        self.step.assign_add(1)
+      return totals
+    return tf.function(loop, jit_compile=False)
+
+  # --- reassignment --------------------------------------------------------------------
+  def reassign(self, epoch: int) -> dict:
+    """Extracts fc7 of every image, whitens, clusters hierarchically, re-inits heads."""
+    cfg, t0 = self.config, time.time()
+    ctx = tf.distribute.InputContext(
+        num_input_pipelines=max(1, self.strategy.num_replicas_in_sync
+                                // dist.num_local_replicas(self.strategy)),
+        input_pipeline_id=dist.worker_index(self.strategy))
+    feats = extract.extract(self.trunk, cfg.data.data_pattern, image_size=cfg.model.image_size,
+                            batch_size=max(self.config.train.batch_per_replica, 128),
+                            input_context=ctx, progress=self.is_chief)
+    local_f = dist.split_local(self.strategy, feats["fc7"])
+    local_ids = dist.split_local(self.strategy, feats["image_id"])
+    c = cfg.clustering
+    assignment = hierarchy.cluster(
+        self.strategy, local_f, local_ids, m=cfg.num_super_clusters, k=c.k,
+        iters=c.kmeans_iters, pca_dim=c.pca_dim, pca_sample=c.pca_sample,
+        seed=c.seed + 1000 * epoch, init=c.kmeans_init, chunk_size=c.chunk_size)
+    self.table_ids.assign(assignment.image_ids)
+    self.table_super.assign(assignment.super_cluster)
+    self.table_sub.assign(assignment.sub_cluster)
+    self.assignment_epoch.assign(epoch)
+    if cfg.train.reinit_heads:
+      reset = self.heads.reinitialize(cfg.train.seed + epoch, include_super=cfg.num_super_clusters > 1)
+      self._reset_optimizer_slots(reset)
+    labels = assignment.flat_labels
+    sizes = np.bincount(labels)
+    stats = {"event": "reassign", "epoch": epoch, "images": int(len(labels)),
+             "seconds": round(time.time() - t0, 2), "empty_resplit": assignment.resplit,
+             "nonempty_clusters": int((sizes > 0).sum()),
+             "largest_cluster_share": float(sizes.max() / len(labels)),
+             "skipped_records": int(feats["skipped"])}
+    if self.previous_labels is not None and len(self.previous_labels) == len(labels):
+      stats["nmi_previous"] = float(normalized_mutual_info_score(self.previous_labels, labels))
+    self.previous_labels = labels
+    if cfg.train.knn_monitor and cfg.data.eval_pattern:
+      stats["knn_top1"] = self._knn_monitor()
+    with self.writer.as_default(step=int(self.step.numpy())):
+      tf.summary.histogram("clusters/sizes", sizes)
+      for key in ("nmi_previous", "knn_top1", "largest_cluster_share", "empty_resplit"):
+        if key in stats:
+          tf.summary.scalar(f"clusters/{key}", stats[key])
+    return stats
+
+  def _reset_optimizer_slots(self, variables):
+    for v in variables:
+      index = self.optimizer._get_variable_index(v)  # noqa: SLF001 - no public API for slots
+      self.optimizer.momentums[index].assign(tf.zeros_like(self.optimizer.momentums[index]))
+
+  def _knn_monitor(self) -> float:
+    """Leave-one-out 20-NN (cosine) top-1 on the labelled eval slice: are features forming?"""
+    from dc_tf.evaluation import metrics
+    try:
+      feats = extract.extract(self.trunk, self.config.data.eval_pattern,
+                              image_size=self.config.model.image_size, progress=False)
+    except reader.DataError as e:
+      logging.warning("kNN monitor off: %s", e)
+      return float("nan")
+    if (feats["label"] < 0).all():
+      return float("nan")
+    return metrics.knn_leave_one_out(feats["fc7"], feats["label"])
+
+  # --- the run -------------------------------------------------------------------------
+  def _pool_size(self) -> int:
+    if self.config.uses_clustering and len(self.table_ids.numpy()):
+      return len(self.table_ids.numpy())
+    return len(reader.read_image_ids(self.config.data.data_pattern))
+
+  def restore(self) -> bool:
+    latest = self.manager.latest_checkpoint
+    if latest:
+      self.checkpoint.restore(latest)
+      logging.info("resumed from %s at step %d", latest, int(self.step.numpy()))
+      if len(self.table_ids.numpy()):
+        self.previous_labels = (self.table_super.numpy().astype(np.int64) * self.config.clustering.k
+                                + self.table_sub.numpy())
+      return True
+    if self.config.train.init_checkpoint:
+      step = checkpointing.restore_trunk(self.trunk, self.config.train.init_checkpoint)
+      logging.info("trunk initialised from %s (step %d)", self.config.train.init_checkpoint, step)
+    return False
+
+  def _log(self, record: dict) -> None:
+    self.history.append(record)
+    logging.info("%s", json.dumps(record))
+    if self.is_chief:
+      with tf.io.gfile.GFile(os.path.join(self.config.train.model_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def _save(self) -> None:
+    self.manager.save(checkpoint_number=int(self.step.numpy()))
+
+  def fit(self, max_seconds: float = 0.0) -> list[dict]:
+    cfg, t = self.config, self.config.train
+    self.restore()
+    if cfg.uses_clustering and int(self.assignment_epoch.numpy()) < 0:
+      self._log(self.reassign(0))
+      self._save()
+    pool = self._pool_size()
+    if t.epoch_size and t.epoch_size < 1:
+      raise ValueError("--epoch_size must be >= 0")
+    epoch_images = t.epoch_size or pool
+    per_step = self.global_batch // cfg.num_rotations if t.all_rotations else self.global_batch
+    steps_per_epoch = max(1, epoch_images // max(per_step, 1))
+    total_steps = steps_per_epoch * t.epochs
+    lrs = losses.learning_rates(total_steps, t.lr, int(t.warmup_epochs * steps_per_epoch),
+                                t.schedule)
+    start = time.time()
+    while int(self.step.numpy()) < total_steps:
+      step = int(self.step.numpy())
+      epoch, done = divmod(step, steps_per_epoch)
+      period_start = epoch - epoch % cfg.clustering.reassign_every
+      if cfg.uses_clustering and int(self.assignment_epoch.numpy()) < period_start:
+        self._log(self.reassign(epoch))
+        self._save()
+      record = self._train_epoch(epoch, done, steps_per_epoch, lrs)
+      self._log(record)
+      self._save()
+      if max_seconds and time.time() - start > max_seconds:
+        logging.info("stopping after %.0f s (--max_minutes); resume with the same command",
+                     time.time() - start)
+        break
+    return self.history
+
+  def _plan(self, epoch: int, epoch_images: int) -> reader.EpochPlan | None:
+    if not self.config.uses_clustering:
+      return None
+    cfg = self.config
+    labels = self.table_super.numpy().astype(np.int64) * cfg.clustering.k + self.table_sub.numpy()
+    mult = sampler.epoch_multiplicity(labels, epoch_images, cfg.train.seed, epoch,
+                                      uniform=cfg.train.uniform_sampler)
+    return reader.EpochPlan(self.table_ids.numpy(), mult, self.table_super.numpy(),
+                            self.table_sub.numpy())
+
+  def _train_epoch(self, epoch, done, steps_per_epoch, lrs) -> dict:
+    cfg, t = self.config, self.config.train
+    pool = self._pool_size()
+    epoch_images = t.epoch_size or pool
+    plan = self._plan(epoch, epoch_images)
+
+    def dataset_fn(ctx):
+      return reader.build_train_dataset(
+          cfg.data.data_pattern, image_size=cfg.model.image_size,
+          batch_size=ctx.get_per_replica_batch_size(self.global_batch), steps=steps_per_epoch,
+          plan=plan, num_rotations=cfg.num_rotations, all_rotations=t.all_rotations,
+          seed=t.seed, epoch=epoch, skip_steps=done, crop_scale_min=cfg.data.crop_scale_min,
+          shuffle_buffer=cfg.data.shuffle_buffer, input_context=ctx)
+
+    iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+    totals = {k: 0.0 for k in (*METRICS, "skipped")}
+    remaining, seen, t0 = steps_per_epoch - done, 0, time.time()
+    bar = tqdm(total=steps_per_epoch, initial=done, unit="step", desc=f"epoch {epoch}",
+               disable=not self.is_chief, leave=False)
+    last_save = int(self.step.numpy())
+    while remaining > 0:
+      n = min(t.steps_per_loop, remaining)
+      self.optimizer.learning_rate.assign(float(lrs[min(int(self.step.numpy()), len(lrs) - 1)]))
+      out = {k: float(v) for k, v in self._train_loop(iterator, tf.constant(n)).items()}
+      if not np.isfinite(out["loss"]):
+        raise TrainingDiverged(
+            f"loss is {out['loss']} at step {int(self.step.numpy())} (epoch {epoch}); the "
+            f"last good checkpoint in {self.manager.directory} is kept. Lower --lr or check "
+            "the data.")
+      for k in METRICS:
+        totals[k] += out[k]
+      totals["skipped"] = max(totals["skipped"], out["skipped"])
+      remaining -= n
+      seen += n
+      rate = seen * self.global_batch / max(time.time() - t0, 1e-9)
+      bar.update(n)
+      bar.set_postfix(loss=f"{totals['loss'] / seen:.3f}", img_s=f"{rate:.0f}")
+      step = int(self.step.numpy())
+      with self.writer.as_default(step=step):
+        tf.summary.scalar("train/loss", out["loss"] / n)
+        tf.summary.scalar("train/lr", self.optimizer.learning_rate)
+        tf.summary.scalar("train/images_per_second", rate)
+      if t.checkpoint_every and step - last_save >= t.checkpoint_every:
+        self._save()
+        last_save = step
+    bar.close()
+    examples = max(seen * self.global_batch, 1)
+    record = {"event": "epoch", "epoch": epoch, "step": int(self.step.numpy()),
+              "seconds": round(time.time() - t0, 2),
+              "images_per_second": round(examples / max(time.time() - t0, 1e-9), 1),
+              "loss": totals["loss"] / max(seen, 1),
+              "super_loss": totals["super_loss"] / max(seen, 1),
+              "sub_loss": totals["sub_loss"] / max(seen, 1),
+              "super_accuracy": totals["super_correct"] / examples,
+              "sub_accuracy": totals["sub_correct"] / examples,
+              "skipped_records": int(totals["skipped"])}
+    with self.writer.as_default(step=int(self.step.numpy())):
+      for k in ("super_accuracy", "sub_accuracy", "super_loss", "sub_loss"):
+        tf.summary.scalar(f"train/{k}", record[k])
+    return record
+
+  def export(self, export_dir: str) -> dict | None:
+    if not self.is_chief:
+      return None
+    from dc_tf import export as export_lib
+    cfg = self.config
+    return export_lib.export(self.trunk, export_dir, image_size=cfg.model.image_size,
+                             config=cfg.to_dict(), epoch=int(self.step.numpy()),
+                             training_data=cfg.data.data_pattern,
+                             weight_decay=cfg.train.weight_decay)

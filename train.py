@@ -1,0 +1,45 @@
+r"""Trains DeeperCluster (or RotNet / DeepCluster) and exports the trunk.
+
+  python train.py                                    # the CPU demo on the embedded data
+  python train.py --flagfile=flags/deepercluster_yfcc100m.cfg --data_pattern=gs://...
+  TF_CONFIG='{"cluster": {"worker": [...]}, "task": {...}}' python train.py ...
+
+Re-running the same command resumes from the last checkpoint in --model_dir.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from dc_tf import cli
+
+cli.define_train_flags()
+DEFAULT_FLAGFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags", "demo.cfg")
+
+
+def main(argv):
+  del argv
+  from dc_tf import distribute
+  from dc_tf.data import reader
+  from dc_tf.training import checkpointing, trainer
+
+  config = cli.config_from_flags()
+  reader.list_shards(config.data.data_pattern)  # fail fast, naming the pattern
+  strategy = distribute.make_strategy(config.train.collective_timeout)
+  logging.info("config:\n%s", config.to_json())
+  logging.info("strategy %s, %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+  checkpointing.write_config(config.train.model_dir, config)
+  run = trainer.Trainer(config, strategy)
+  run.fit(max_seconds=flags.FLAGS.max_minutes * 60)
+  export_dir = config.train.export_dir or os.path.join(config.train.model_dir, "export")
+  card = run.export(export_dir)
+  if card:
+    logging.info("exported to %s (%d parameters)", export_dir, card["parameters"])
+
+
+if __name__ == "__main__":
+  # With no flagfile given, the demo preset (embedded data, CPU-sized model) is used.
+  if not any(a.startswith(("--flagfile", "-flagfile")) for a in sys.argv[1:]):
+    sys.argv.insert(1, f"--flagfile={DEFAULT_FLAGFILE}")
+  app.run(main)
