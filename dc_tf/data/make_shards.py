@@ -199,11 +199,11 @@ def _encode_item(item: Item, zip_file) -> tuple[bytes | None, str]:
   fmt = schema.sniff_format(data)
   if fmt is None:
     return None, "not an image"
+  if fmt == "jpeg" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    return None, "truncated jpeg"
   try:
     image = tf.io.decode_image(data, channels=0, expand_animations=False)
     height, width = int(image.shape[0]), int(image.shape[1])
-    if fmt == "jpeg" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-      return None, "truncated jpeg"
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
     return None, f"corrupt {fmt} ({str(e).splitlines()[0][:80]})"
   image_id = item.image_id if item.image_id >= 0 else schema.stable_id(item.key)

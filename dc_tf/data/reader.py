@@ -122,10 +122,11 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
       ex["sub_class"] = tf.constant(-1, tf.int32)
       return ex
     examples = examples.map(no_clusters)
-  # Repeat before shuffling so that every worker runs exactly `steps` steps, whatever its
-  # shard holds (collectives stay in step; a short shard is padded by its next pass).
-  examples = examples.repeat().shuffle(shuffle_buffer, seed=(seed * 1000003 + epoch) % 2**31,
-                                       reshuffle_each_iteration=False)
+  # Shuffle each pass, then repeat: the first pass is exactly the sampler's epoch, and every
+  # worker still runs exactly `steps` steps whatever its shard holds (collectives stay in
+  # step; a short shard is padded by its next pass, a long one truncated).
+  examples = examples.shuffle(shuffle_buffer, seed=(seed * 1000003 + epoch) % 2**31,
+                              reshuffle_each_iteration=True).repeat()
   examples = _decoded(examples, deterministic=True)
   per_image = batch_size // num_rotations if all_rotations else batch_size
   per_image = max(per_image, 1)

@@ -1,0 +1,107 @@
+"""k-means and whitening against NumPy / scikit-learn, replicas, errors, hierarchy."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.cluster import KMeans
+
+from dc_tf.clustering import hierarchy, pca
+from dc_tf.clustering import kmeans as km
+
+
+def blobs(n=2000, d=16, centers=8, seed=0):
+  rng = np.random.default_rng(seed)
+  c = rng.normal(0, 4, (centers, d))
+  return (c[rng.integers(centers, size=n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def default():
+  return tf.distribute.get_strategy()
+
+
+def two_cpus():
+  from conftest import two_cpu_strategy
+  return two_cpu_strategy()
+
+
+def test_one_lloyd_step_equals_numpy():
+  x = blobs()
+  c0 = x[:10].astype(np.float64)
+  res = km.DistributedKMeans(default(), chunk_size=300).fit([x], 10, iters=1, centroids=c0)
+  d = ((x[:, None, :] - c0[None]) ** 2).sum(-1)
+  a = d.argmin(1)
+  want = np.stack([x[a == j].mean(0) for j in range(10)])
+  np.testing.assert_allclose(res.centroids, want, rtol=1e-4, atol=1e-4)
+
+
+def test_matches_sklearn_lloyd_from_same_init():
+  x = blobs(4000, 32, 20, seed=1)
+  c0 = x[np.random.default_rng(0).choice(len(x), 20, replace=False)]
+  ours = km.DistributedKMeans(default(), chunk_size=1000).fit([x], 20, iters=20, centroids=c0)
+  ref = KMeans(20, init=c0, n_init=1, algorithm="lloyd", max_iter=20, tol=0).fit(x)
+  assert (ours.assignments[0] == ref.labels_).mean() >= 0.99
+  assert abs(ours.inertia - ref.inertia_) / ref.inertia_ < 1e-3
+
+
+def test_two_replicas_give_the_same_centroids_as_one():
+  x = blobs(1501, 8, 6, seed=2)
+  one = km.DistributedKMeans(default(), 256).fit([x], 6, iters=8, seed=3)
+  two = km.DistributedKMeans(two_cpus(), 256).fit([x[:700], x[700:]], 6, iters=8, seed=3)
+  np.testing.assert_allclose(one.centroids, two.centroids, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(one.assignments[0], np.concatenate(two.assignments))
+
+
+def test_empty_clusters_are_resplit():
+  x = blobs(500, 4, 3)
+  c0 = np.repeat(x[:1], 5, axis=0).astype(np.float64)  # 5 identical centroids: 4 empty
+  res = km.DistributedKMeans(default()).fit([x], 5, iters=5, centroids=c0)
+  assert res.resplit >= 4
+  assert (res.counts > 0).all()
+  # Deterministic: the same seed re-splits the same way.
+  again = km.DistributedKMeans(default()).fit([x], 5, iters=5, centroids=c0)
+  np.testing.assert_array_equal(res.centroids, again.centroids)
+
+
+def test_kmeans_plus_plus_and_errors():
+  x = blobs(300, 4, 3)
+  res = km.DistributedKMeans(default()).fit([x], 3, iters=5, seed=0, init="kmeans++")
+  assert res.counts.sum() == 300
+  with pytest.raises(km.ClusteringError, match="only 300 points"):
+    km.DistributedKMeans(default()).fit([x], 301, iters=1)
+  bad = x.copy()
+  bad[5, 0] = np.nan
+  with pytest.raises(km.ClusteringError, match="NaN"):
+    km.DistributedKMeans(default()).fit([bad], 3, iters=1)
+  with pytest.raises(km.ClusteringError, match="identical"):
+    km.DistributedKMeans(default()).fit([np.ones([50, 4], np.float32)], 3, iters=1)
+
+
+def test_whitening_gives_identity_covariance():
+  x = blobs(3000, 8, 4) @ np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+  w = pca.fit_whitening(default(), [x])
+  y = (x - w.mean) @ w.projection
+  np.testing.assert_allclose(np.cov(y.T, bias=True), np.eye(8), atol=1e-3)
+  z = w.apply(x)
+  np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1, rtol=1e-5)
+  assert pca.fit_whitening(default(), [x], dim=3).projection.shape == (8, 3)
+  two = pca.fit_whitening(two_cpus(), [x[:1000], x[1000:]])
+  np.testing.assert_allclose(np.abs(two.projection), np.abs(w.projection), rtol=1e-3, atol=1e-4)
+
+
+def test_hierarchy_table():
+  x = blobs(1200, 8, 12, seed=4)
+  ids = np.arange(1200, dtype=np.int64)[::-1] * 3
+  a = hierarchy.cluster(two_cpus(), [x[:600], x[600:]], [ids[:600], ids[600:]], m=3, k=4,
+                        iters=10, pca_dim=0, seed=0)
+  np.testing.assert_array_equal(a.image_ids, np.sort(ids))
+  assert set(a.super_cluster) == {0, 1, 2} and a.sub_cluster.max() == 3
+  assert len(np.unique(a.flat_labels)) == 12
+  single = hierarchy.cluster(default(), [x], [ids], m=3, k=4, iters=10, seed=0)
+  np.testing.assert_array_equal(single.flat_labels, a.flat_labels)
+
+
+def test_small_super_cluster_uses_fewer_sub_clusters():
+  # Documented fallback: a super-cluster with n_s < k members gets n_s sub-clusters.
+  x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+  a = hierarchy.cluster(default(), [x], [np.arange(3)], m=1, k=5, iters=5, seed=0)
+  assert sorted(a.sub_cluster) == [0, 1, 2]

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny shards made in the test, two logical CPUs for replica tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices, so MirroredStrategy can run 2 replicas in one process.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+from dc_tf.data import make_shards, schema  # noqa: E402
+
+_TWO_CPUS = []
+
+
+def two_cpu_strategy():
+  """One MirroredStrategy over the two logical CPUs, shared by all tests: strategies
+  created side by side in one process reuse collective instance keys."""
+  if not _TWO_CPUS:
+    _TWO_CPUS.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+  return _TWO_CPUS[0]
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: multi-process or SavedModel round trips (run in CI)")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def jpeg_bytes(seed: int, size=(40, 48), channels=3, label_color=None) -> bytes:
+  """A small JPEG: a colour (or a label-dependent colour) plus noise."""
+  rng = np.random.default_rng(seed)
+  base = rng.integers(0, 255, 3) if label_color is None else np.asarray(label_color)
+  img = np.clip(base[None, None, :channels] + rng.normal(0, 20, (*size, channels)), 0, 255)
+  return tf.io.encode_jpeg(img.astype(np.uint8)).numpy()
+
+
+def write_image_folder(root, classes=3, per_class=8, seed=0):
+  """root/<class>/<i>.jpg with class-dependent colours; returns the root."""
+  colors = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30), (30, 220, 220)]
+  for c in range(classes):
+    d = os.path.join(root, f"class{c}")
+    os.makedirs(d, exist_ok=True)
+    for i in range(per_class):
+      with open(os.path.join(d, f"{i}.jpg"), "wb") as f:
+        f.write(jpeg_bytes(seed * 1000 + c * 100 + i, label_color=colors[c % len(colors)]))
+  return root
+
+
+def write_records(path, records):
+  """Writes raw tf.train.Examples (bypassing the writer's validation)."""
+  with tf.io.TFRecordWriter(path) as w:
+    for ex in records:
+      w.write(ex.SerializeToString())
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+  """4 shards of 48 labelled images (3 classes) made with the project's writer."""
+  root = tmp_path_factory.mktemp("tiny")
+  images = write_image_folder(str(root / "images"), classes=3, per_class=16)
+  items = make_shards.collect_items("folder", images)
+  make_shards.write_shards(items, str(root / "shards"), "train", 4, seed=0, progress=False)
+  return str(root / "shards" / "train-*.tfrecord")
+
+
+@pytest.fixture
+def example():
+  def make(data=None, fmt="jpeg", image_id=1, label=0, **kw):
+    data = jpeg_bytes(image_id) if data is None else data
+    return schema.make_example(data, fmt, 40, 48, image_id, label=label, **kw)
+  return make
