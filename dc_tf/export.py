@@ -87,6 +87,10 @@ class TrunkModule(tf.Module):
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
     self.serve = tf.function(lambda images: self._call(images, False), input_signature=[spec])
     self.train = tf.function(lambda images: self._call(images, True), input_signature=[spec])
+    # Every named endpoint (conv1..conv13, fc6, fc7), for probes on any layer.
+    self.endpoints = tf.function(
+        lambda images: {k: tf.cast(v, tf.float32) for k, v in trunk(images, training=False).items()},
+        input_signature=[spec])
     self.variables = list(trunk.variables)
     self.trainable_variables = list(trunk.trainable_variables)
     kernels = [v for v in trunk.trainable_variables if "kernel" in v.path]

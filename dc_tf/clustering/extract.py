@@ -15,12 +15,13 @@ from dc_tf.data import reader
 
 def extract(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
             endpoints=("fc7",), input_context=None, progress: bool = True,
-            max_images: int = 0) -> dict:
+            max_images: int = 0, postprocess=None) -> dict:
   """Runs the trunk (inference mode) over every image once, in shard order.
 
   Returns {endpoint: float32 [n, ...] for each endpoint, 'image_id': int64 [n],
   'label': int64 [n], 'user_id'/'tags'/'device': bytes [n], 'lat'/'lon': [n],
-  'skipped': bad records dropped}.
+  'skipped': bad records dropped}. `postprocess(endpoint, array)` is applied per batch
+  (e.g. pooling conv maps, so that full maps of the whole set never sit in memory).
   """
   ds = reader.build_extraction_dataset(pattern, image_size=image_size, batch_size=batch_size,
                                        input_context=input_context)
@@ -37,7 +38,8 @@ def extract(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
   for batch in ds:
     feats = forward(batch["image"])
     for e in endpoints:
-      cols[e].append(feats[e].numpy())
+      value = feats[e].numpy()
+      cols[e].append(postprocess(e, value) if postprocess else value)
     for k in keys:
       cols[k].append(batch[k].numpy())
     skipped = max(skipped, int(batch["skipped"].numpy().max()))

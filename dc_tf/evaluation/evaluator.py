@@ -1,0 +1,244 @@
+"""Transfer evaluation of a trunk: linear probes per layer, kNN, cluster quality, pictures.
+
+Every report carries its floor: the random-init twin (the same architecture, never
+trained) is scored with the same protocol in the same run, and the margin per layer is
+reported (issue 10). Probes follow the paper: conv maps average-pooled until under 10k
+dimensions (pool sizes reported), a linear classifier on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dc_tf.clustering import extract
+from dc_tf.clustering import kmeans as km
+from dc_tf.clustering import pca
+from dc_tf.config import ModelConfig
+from dc_tf.evaluation import metrics, probes
+from dc_tf.models import vgg
+from dc_tf.training import checkpointing
+
+DEFAULT_LAYERS = ("conv2", "conv4", "conv7", "conv10", "conv13", "fc6", "fc7")
+
+
+@dataclasses.dataclass
+class LoadedTrunk:
+  """A callable trunk (images -> endpoint dict) and what it was built with."""
+  fn: object
+  model_config: ModelConfig
+  source: str
+  step: int = -1
+
+  def __call__(self, images, training=False):
+    return self.fn(images, training=False)
+
+
+class _ExportedEndpoints:
+  def __init__(self, module):
+    self.module = module
+
+  def __call__(self, images, training=False):
+    return self.module.endpoints(images)
+
+
+def load(path: str) -> LoadedTrunk:
+  """A training run dir / checkpoint, or an export dir (its trunk/ SavedModel)."""
+  if not path:
+    raise checkpointing.CheckpointError("no --checkpoint given (a run dir or an export dir)")
+  if not tf.io.gfile.exists(path) and not tf.io.gfile.exists(path + ".index"):
+    raise checkpointing.CheckpointError(f"checkpoint or export not found: {path}")
+  card = os.path.join(path, "model_card.json")
+  if tf.io.gfile.exists(card):
+    from dc_tf import export as export_lib
+    with tf.io.gfile.GFile(card) as f:
+      info = json.load(f)
+    module = export_lib.load(os.path.join(path, "trunk"))
+    model_cfg = ModelConfig(**{k: v for k, v in info["config"].get("model", {}).items()})
+    return LoadedTrunk(_ExportedEndpoints(module), model_cfg, path, info.get("epoch", -1))
+  run_dir = path if tf.io.gfile.isdir(path) else os.path.dirname(os.path.dirname(path))
+  config = checkpointing.read_config(run_dir)
+  trunk = vgg.trunk_from_config(config.model)
+  step = checkpointing.restore_trunk(trunk, path)
+  return LoadedTrunk(trunk, config.model, path, step)
+
+
+def random_twin(model_config: ModelConfig, seed: int = 0) -> LoadedTrunk:
+  """The same architecture, randomly initialised (the floor every report carries)."""
+  keras.utils.set_random_seed(seed)
+  return LoadedTrunk(vgg.trunk_from_config(model_config), model_config, f"random-init (seed {seed})")
+
+
+def features(trunk: LoadedTrunk, pattern: str, layers, batch_size: int = 256,
+             max_images: int = 0) -> tuple[dict, dict]:
+  """({layer: pooled features}, {layer: pool size}) plus labels/metadata in 'meta'."""
+  image_size = trunk.model_config.image_size
+  strides: dict[str, int] = {}
+
+  def pool(name, value):
+    pooled, s = metrics.pool_until(value)
+    strides[name] = s
+    return pooled
+
+  out = extract.extract(trunk, pattern, image_size=image_size, batch_size=batch_size,
+                        endpoints=tuple(layers), progress=True, postprocess=pool,
+                        max_images=max_images)
+  return out, strides
+
+
+def cluster_quality(feats: np.ndarray, meta: dict, k: int, seed: int = 0) -> dict:
+  """k-means on whitened features; NMI / ARI / purity against labels and metadata."""
+  strategy = tf.distribute.get_strategy()
+  whitening = pca.fit_whitening(strategy, [feats], dim=min(128, feats.shape[1]))
+  result = km.DistributedKMeans(strategy).fit([whitening.apply(feats)], k, iters=30, seed=seed)
+  assign = result.assignments[0]
+  report = {"k": k}
+  targets = {"label": meta["label"]}
+  for field in ("user_id", "device"):
+    if (meta[field] != b"").any():
+      targets[field] = meta[field]
+  if (meta["tags"] != b"").any():
+    targets["tag"] = least_frequent_tag(meta["tags"])
+  if np.isfinite(meta["lat"]).any():
+    targets["gps"] = gps_cells(meta["lat"], meta["lon"])
+  for name, values in targets.items():
+    present = values != -1 if values.dtype.kind in "iu" else values != b""
+    if present.sum() > 1:
+      report[name] = metrics.cluster_scores(values[present], assign[present])
+  return report, assign
+
+
+def least_frequent_tag(tags: np.ndarray) -> np.ndarray:
+  """Each image's rarest tag across the set (the paper's choice for tag NMI)."""
+  split = [t.decode("utf-8").split(",") if t else [] for t in tags]
+  counts: dict[str, int] = {}
+  for ts in split:
+    for t in ts:
+      counts[t] = counts.get(t, 0) + 1
+  return np.array([min(ts, key=lambda t: (counts[t], t)).encode() if ts else b"" for ts in split])
+
+
+def gps_cells(lat: np.ndarray, lon: np.ndarray, degrees: float = 1.0) -> np.ndarray:
+  ok = np.isfinite(lat) & np.isfinite(lon)
+  cells = [f"{int(np.floor(a / degrees))}:{int(np.floor(o / degrees))}".encode() if g else b""
+           for a, o, g in zip(lat, lon, ok)]
+  return np.array(cells)
+
+
+def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: str,
+             output_dir: str, layers=DEFAULT_LAYERS, twin: bool = True, seed: int = 0,
+             probe_epochs: int = 60, max_train_images: int = 0, cluster_k: int = 0,
+             run_dir: str = "", voc_dir: str = "",
+             model_config: ModelConfig | None = None) -> dict:
+  """Scores `trained` (None: the random twin alone) and writes report.json / report.md /
+  probe_layers.png / clusters.png in `output_dir`."""
+  tf.io.gfile.makedirs(output_dir)
+  model_config = trained.model_config if trained else model_config
+  subjects = {}
+  if trained is not None:
+    subjects["trained"] = trained
+  if twin or trained is None:
+    if model_config is None:
+      raise ValueError("--baseline=random needs a model config: pass --checkpoint of the "
+                       "architecture to copy")
+    subjects["random"] = random_twin(model_config, seed)
+  report = {"train_data": train_pattern, "test_data": test_pattern, "layers": list(layers),
+            "subjects": {k: v.source for k, v in subjects.items()}, "results": {}}
+  for name, subject in subjects.items():
+    train_f, strides = features(subject, train_pattern, layers, max_images=max_train_images)
+    test_f, _ = features(subject, test_pattern, layers)
+    if (train_f["label"] < 0).all() or (test_f["label"] < 0).all():
+      raise ValueError(f"accuracy needs labels, but {train_pattern if (train_f['label'] < 0).all() else test_pattern} "
+                       "has none (shards written with --drop_labels?)")
+    res = {"pool_sizes": strides, "probe": {}, "knn": {}}
+    for layer in layers:
+      res["probe"][layer] = probes.linear_probe(train_f[layer], train_f["label"], test_f[layer],
+                                                test_f["label"], epochs=probe_epochs, seed=seed)
+    for layer in ("fc7", "conv13"):
+      if layer in layers:
+        res["knn"][layer] = 100 * metrics.knn_top1(train_f[layer], train_f["label"],
+                                                   test_f[layer], test_f["label"])
+    k = cluster_k or len(np.unique(test_f["label"]))
+    res["clusters"], assign = cluster_quality(test_f["fc7" if "fc7" in layers else layers[-1]],
+                                              test_f, k, seed)
+    if name == list(subjects)[0]:
+      from dc_tf.evaluation import pictures
+      pictures.cluster_grid(test_pattern, model_config.image_size, test_f["image_id"], assign,
+                            test_f["label"], os.path.join(output_dir, f"clusters_{name}.png"))
+    report["results"][name] = res
+  if len(subjects) == 2:
+    t, r = report["results"]["trained"], report["results"]["random"]
+    report["margin_top1"] = {l: t["probe"][l]["top1"] - r["probe"][l]["top1"] for l in layers}
+    report["margin_knn"] = {l: t["knn"][l] - r["knn"][l] for l in t["knn"]}
+    best = max(report["margin_top1"], key=report["margin_top1"].get)
+    report["best_layer"] = {"layer": best, "margin_top1": report["margin_top1"][best]}
+  if run_dir:
+    report["training_nmi_previous"] = training_nmi(run_dir)
+  if voc_dir:
+    from dc_tf.evaluation import voc
+    report["voc07"] = {n: voc.evaluate_voc(s, voc_dir, seed=seed) for n, s in subjects.items()}
+  write_report(report, output_dir)
+  return report
+
+
+def training_nmi(run_dir: str) -> list[dict]:
+  """NMI between consecutive assignments, as logged by the training run."""
+  path = os.path.join(run_dir, "log.jsonl")
+  if not tf.io.gfile.exists(path):
+    return []
+  with tf.io.gfile.GFile(path) as f:
+    rows = [json.loads(l) for l in f if l.strip()]
+  return [{"epoch": r["epoch"], "nmi": r["nmi_previous"]} for r in rows
+          if r.get("event") == "reassign" and "nmi_previous" in r]
+
+
+def write_report(report: dict, output_dir: str) -> None:
+  with tf.io.gfile.GFile(os.path.join(output_dir, "report.json"), "w") as f:
+    f.write(json.dumps(report, indent=1, default=float))
+  lines = ["# dc_tf evaluation", "", f"train: `{report['train_data']}`  test: `{report['test_data']}`", ""]
+  names = list(report["results"])
+  header = "| layer | " + " | ".join(f"{n} top-1 | {n} top-5" for n in names)
+  header += " | margin top-1 |" if "margin_top1" in report else " |"
+  lines += [header, "|" + "---|" * (1 + 2 * len(names) + ("margin_top1" in report))]
+  for layer in report["layers"]:
+    row = f"| {layer} (pool {report['results'][names[0]]['pool_sizes'].get(layer, 1)}) | "
+    row += " | ".join(f"{report['results'][n]['probe'][layer]['top1']:.1f} | "
+                      f"{report['results'][n]['probe'][layer]['top5']:.1f}" for n in names)
+    if "margin_top1" in report:
+      row += f" | {report['margin_top1'][layer]:+.1f}"
+    lines.append(row + " |")
+  lines += ["", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for layer in report["results"][names[0]]["knn"]:
+    lines.append(f"| kNN top-1 {layer} | " + " | ".join(
+        f"{report['results'][n]['knn'][layer]:.1f}" for n in names) + " |")
+  for field, scores in report["results"][names[0]]["clusters"].items():
+    if isinstance(scores, dict):
+      lines.append(f"| NMI vs {field} | " + " | ".join(
+          f"{report['results'][n]['clusters'][field]['nmi']:.3f}" for n in names) + " |")
+  with tf.io.gfile.GFile(os.path.join(output_dir, "report.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plot_layers(report, os.path.join(output_dir, "probe_layers.png"))
+
+
+def plot_layers(report: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, res in report["results"].items():
+    ax.plot(report["layers"], [res["probe"][l]["top1"] for l in report["layers"]], marker="o",
+            label=name)
+  ax.set_xlabel("layer")
+  ax.set_ylabel("linear probe top-1 (%)")
+  ax.set_title("Linear probe per layer")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+

@@ -1,0 +1,89 @@
+"""Linear probes on frozen features (softmax regression), and the VOC07 multi-label probe."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def _standardize(train, test):
+  mean, std = train.mean(0), train.std(0) + 1e-6
+  return (train - mean) / std, (test - mean) / std
+
+
+def linear_probe(train_x, train_y, test_x, test_y, *, epochs: int = 60, batch_size: int = 256,
+                 lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 0) -> dict:
+  """Multinomial logistic regression (Adam, L2) on standardised features.
+
+  Returns top-1 / top-5 (%) on the test set.
+  """
+  train_x, test_x = _standardize(np.asarray(train_x, np.float32), np.asarray(test_x, np.float32))
+  train_y, test_y = np.asarray(train_y, np.int64), np.asarray(test_y, np.int64)
+  if (train_y < 0).any() or (test_y < 0).any():
+    raise ValueError("linear probe needs labels: these shards have images without a label")
+  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  tf.random.set_seed(seed)
+  w = tf.Variable(tf.zeros([train_x.shape[1], num_classes]))
+  b = tf.Variable(tf.zeros([num_classes]))
+  import keras
+  opt = keras.optimizers.Adam(lr)
+
+  @tf.function
+  def step(x, y):
+    with tf.GradientTape() as tape:
+      logits = tf.matmul(x, w) + b
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+      loss += weight_decay * tf.reduce_sum(tf.square(w))
+    opt.apply_gradients(zip(tape.gradient(loss, [w, b]), [w, b]))
+    return loss
+
+  rng = np.random.default_rng(seed)
+  for _ in range(epochs):
+    order = rng.permutation(len(train_x))
+    for start in range(0, len(order), batch_size):
+      idx = order[start:start + batch_size]
+      step(tf.constant(train_x[idx]), tf.constant(train_y[idx]))
+  logits = test_x @ w.numpy() + b.numpy()
+  top5 = np.argsort(-logits, axis=1)[:, :5]
+  return {"top1": float(100 * np.mean(top5[:, 0] == test_y)),
+          "top5": float(100 * np.mean((top5 == test_y[:, None]).any(axis=1)))}
+
+
+def multilabel_probe(train_x, train_t, test_x, test_t, *, epochs: int = 100, lr: float = 1e-3,
+                     weight_decay: float = 1e-4, seed: int = 0) -> np.ndarray:
+  """Linear one-vs-rest logistic regression with BCE that ignores 'difficult' labels
+  (targets: 1 positive, 0 negative, -1 ignored). Returns test scores [n_test, C]; for a
+  10-crop test pass test_x as [n_test, crops, d]: scores are averaged over crops."""
+  import keras
+  train_x = np.asarray(train_x, np.float32)
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  train_x = (train_x - mean) / std
+  test_x = (np.asarray(test_x, np.float32) - mean) / std
+  t = np.asarray(train_t, np.float32)
+  w = tf.Variable(tf.zeros([train_x.shape[1], t.shape[1]]))
+  b = tf.Variable(tf.zeros([t.shape[1]]))
+  opt = keras.optimizers.Adam(lr)
+  x, y = tf.constant(train_x), tf.constant(t)
+  mask = tf.cast(y >= 0, tf.float32)
+  tf.random.set_seed(seed)
+  for _ in range(epochs):
+    with tf.GradientTape() as tape:
+      logits = tf.matmul(x, w) + b
+      bce = tf.nn.sigmoid_cross_entropy_with_logits(tf.maximum(y, 0.0), logits)
+      loss = tf.reduce_sum(bce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+      loss += weight_decay * tf.reduce_sum(tf.square(w))
+    opt.apply_gradients(zip(tape.gradient(loss, [w, b]), [w, b]))
+  scores = test_x @ w.numpy() + b.numpy()
+  return scores.mean(axis=1) if scores.ndim == 3 else scores
+
+
+def voc_map(scores: np.ndarray, targets: np.ndarray) -> tuple[float, list[float]]:
+  """Mean average precision over classes, 'difficult' (-1) examples ignored (sklearn AP)."""
+  from sklearn.metrics import average_precision_score
+  aps = []
+  for c in range(targets.shape[1]):
+    keep = targets[:, c] >= 0
+    if targets[keep, c].sum() == 0:
+      continue
+    aps.append(float(average_precision_score(targets[keep, c], scores[keep, c])))
+  return float(100 * np.mean(aps)), aps

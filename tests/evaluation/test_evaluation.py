@@ -1,0 +1,142 @@
+"""Metrics against scikit-learn / NumPy, probes, the twin report, VOC protocol, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from conftest import jpeg_bytes
+from dc_tf.evaluation import evaluator, metrics, probes, voc
+from dc_tf.training import checkpointing
+
+
+def test_cluster_scores_match_sklearn():
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, 4, 200), rng.integers(0, 5, 200)
+  s = metrics.cluster_scores(a, b)
+  assert s["nmi"] == pytest.approx(skm.normalized_mutual_info_score(a, b))
+  assert s["ari"] == pytest.approx(skm.adjusted_rand_score(a, b))
+  table = np.zeros([4, 5])
+  np.add.at(table, (a, b), 1)
+  assert s["purity"] == pytest.approx(table.max(0).sum() / 200)
+
+
+def test_knn_against_brute_force():
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(60, 5)), rng.integers(0, 3, 60)
+  q = rng.normal(size=(10, 5))
+  pred = metrics.knn_predict(x, y, q, k=5, temperature=0.1)
+  xn, qn = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+  for i in range(10):
+    sims = xn @ qn[i]
+    top = np.argsort(-sims)[:5]
+    votes = np.bincount(y[top], weights=np.exp(sims[top] / 0.1), minlength=3)
+    assert pred[i] == votes.argmax()
+  loo = metrics.knn_leave_one_out(np.repeat(np.eye(3), 5, 0), np.repeat(np.arange(3), 5), k=3)
+  assert loo == 1.0
+
+
+def test_pool_until_under_10k():
+  fmap = np.ones([2, 34, 34, 16], np.float32)
+  flat, s = metrics.pool_until(fmap)
+  assert flat.shape[1] < 10000 and s == 2 and flat.shape == (2, 17 * 17 * 16)
+  assert metrics.pool_until(np.ones([2, 4, 4, 8]))[1] == 1
+
+
+def test_linear_probe_separable_reaches_100():
+  rng = np.random.default_rng(0)
+  centers = rng.normal(0, 5, (4, 16))
+  y = rng.integers(0, 4, 400)
+  x = centers[y] + rng.normal(size=(400, 16))
+  res = probes.linear_probe(x[:300], y[:300], x[300:], y[300:], epochs=30)
+  assert res["top1"] == 100.0 and res["top5"] == 100.0
+  with pytest.raises(ValueError, match="labels"):
+    probes.linear_probe(x, -np.ones(400, int), x, y, epochs=1)
+
+
+def test_voc_map_matches_sklearn_and_ignores_difficult():
+  rng = np.random.default_rng(2)
+  t = rng.integers(0, 2, (50, 3)).astype(np.float32)
+  t[0, 0] = -1
+  scores = rng.normal(size=(50, 3))
+  m, aps = probes.voc_map(scores, t)
+  keep = t[:, 0] >= 0
+  assert aps[0] == pytest.approx(skm.average_precision_score(t[keep, 0], scores[keep, 0]))
+  assert m == pytest.approx(100 * np.mean(aps))
+
+
+def _synthetic_voc(root):
+  for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+    os.makedirs(os.path.join(root, d), exist_ok=True)
+  splits = {"trainval": [], "test": []}
+  colors = {"cat": (220, 30, 30), "dog": (30, 30, 220)}
+  for i in range(24):
+    cls = "cat" if i % 2 else "dog"
+    name = f"{i:06d}"
+    with open(os.path.join(root, "JPEGImages", name + ".jpg"), "wb") as f:
+      f.write(jpeg_bytes(i, size=(48, 64), label_color=colors[cls]))
+    difficult = "1" if i == 3 else "0"
+    open(os.path.join(root, "Annotations", name + ".xml"), "w").write(
+        f"<annotation><object><name>{cls}</name><difficult>{difficult}</difficult></object>"
+        "</annotation>")
+    splits["trainval" if i < 16 else "test"].append(name)
+  for split, names in splits.items():
+    open(os.path.join(root, "ImageSets/Main", split + ".txt"), "w").write("\n".join(names))
+
+
+def test_voc_protocol_on_synthetic_folder(tmp_path):
+  _synthetic_voc(str(tmp_path))
+  paths, t = voc.read_split(str(tmp_path), "trainval")
+  assert len(paths) == 16 and t[3, voc.CLASSES.index("cat")] == -1
+  twin = evaluator.random_twin(evaluator.ModelConfig(image_size=32, width=0.125, fc_dim=16))
+  res = voc.evaluate_voc(twin, str(tmp_path), layers=("fc6",))
+  assert 0 <= res["fc6"] <= 100
+  crops = voc.ten_crops(np.zeros([40, 60, 3], np.uint8), 32)
+  assert crops.shape == (10, 32, 32, 3)
+
+
+def test_twin_report_end_to_end(tiny_shards, tmp_path):
+  from dc_tf.config import ExperimentConfig
+  from dc_tf.models import vgg
+  import tensorflow as tf
+  cfg = ExperimentConfig().replace(data={"image_size": 32}, model={"image_size": 32, "width": 0.125,
+                                                                   "fc_dim": 16})
+  run = tmp_path / "run"
+  checkpointing.write_config(str(run), cfg)
+  trunk = vgg.trunk_from_config(cfg.model)
+  tf.train.CheckpointManager(tf.train.Checkpoint(trunk=trunk, step=tf.Variable(7, dtype=tf.int64)),
+                             str(run / "ckpt"), 1).save()
+  loaded = evaluator.load(str(run))
+  assert loaded.step == 7
+  report = evaluator.evaluate(loaded, train_pattern=tiny_shards, test_pattern=tiny_shards,
+                              output_dir=str(tmp_path / "eval"), layers=("conv4", "fc7"),
+                              probe_epochs=5)
+  assert set(report["results"]) == {"trained", "random"}
+  assert set(report["margin_top1"]) == {"conv4", "fc7"}
+  assert 0 <= report["results"]["trained"]["clusters"]["label"]["nmi"] <= 1
+  for f in ("report.json", "report.md", "probe_layers.png", "clusters_trained.png"):
+    assert os.path.getsize(tmp_path / "eval" / f) > 0
+  assert json.load(open(tmp_path / "eval" / "report.json"))["best_layer"]["layer"] in ("conv4", "fc7")
+
+
+def test_clear_errors(tmp_path, tiny_shards):
+  with pytest.raises(checkpointing.CheckpointError, match="not found"):
+    evaluator.load(str(tmp_path / "missing"))
+  from dc_tf.data import make_shards
+  from conftest import write_image_folder
+  items = make_shards.collect_items("folder", write_image_folder(str(tmp_path / "i"), 2, 3),
+                                    drop_labels=True)
+  make_shards.write_shards(items, str(tmp_path / "s"), "nolabel", 1, progress=False)
+  twin = evaluator.random_twin(evaluator.ModelConfig(image_size=32, width=0.125, fc_dim=16))
+  with pytest.raises(ValueError, match="labels"):
+    evaluator.evaluate(twin, train_pattern=str(tmp_path / "s/nolabel-*"), test_pattern=tiny_shards,
+                       output_dir=str(tmp_path / "e"), layers=("fc7",), twin=False)
+
+
+def test_least_frequent_tag_and_gps_cells():
+  tags = np.array([b"a,b", b"a", b"", b"c,a"])
+  assert list(evaluator.least_frequent_tag(tags)) == [b"b", b"a", b"", b"c"]
+  cells = evaluator.gps_cells(np.array([48.8, np.nan]), np.array([2.3, 1.0]))
+  assert list(cells) == [b"48:2", b""]

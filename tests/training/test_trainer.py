@@ -1,0 +1,143 @@
+"""The training loop end to end on tiny shards: reassignment, resume, modes, faults."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, two_cpu_strategy
+from dc_tf.config import ConfigError, ExperimentConfig
+from dc_tf.training import checkpointing, trainer
+
+
+def tiny_config(data, model_dir, **train):
+  cfg = ExperimentConfig()
+  t = dict(model_dir=str(model_dir), epochs=2, batch_per_replica=16, lr=0.02,
+           steps_per_loop=2, checkpoint_every=0, knn_monitor=True)
+  t.update(train)
+  return cfg.replace(
+      data={"data_pattern": data, "eval_pattern": data, "image_size": 32, "shuffle_buffer": 64},
+      model={"image_size": 32, "width": 0.125, "fc_dim": 32},
+      clustering={"m": 2, "k": 3, "reassign_every": 1, "pca_dim": 8, "kmeans_iters": 3},
+      train=t).validate()
+
+
+def read_log(model_dir):
+  with open(os.path.join(model_dir, "log.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_config_validation_names_the_flag():
+  with pytest.raises(ConfigError, match="--mode"):
+    ExperimentConfig().replace(train={"mode": "simclr"}).validate()
+  with pytest.raises(ConfigError, match="--image_size"):
+    ExperimentConfig().replace(data={"image_size": 16}, model={"image_size": 16}).validate()
+  cfg = ExperimentConfig().replace(train={"mode": "rotnet"})
+  assert (cfg.num_super_classes, cfg.num_sub_classes) == (4, 0)
+  cfg = ExperimentConfig().replace(train={"mode": "deepcluster"}, clustering={"k": 10})
+  assert (cfg.num_super_classes, cfg.num_sub_classes, cfg.num_rotations) == (1, 10, 1)
+  assert ExperimentConfig().replace(clustering={"m": 4}).num_super_classes == 16
+
+
+def test_deepercluster_end_to_end_and_resume(tiny_shards, tmp_path):
+  cfg = tiny_config(tiny_shards, tmp_path / "run")
+  run = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  history = run.fit()
+  events = [r["event"] for r in history]
+  assert events == ["reassign", "epoch", "reassign", "epoch"]
+  assert 0 <= history[2]["nmi_previous"] <= 1 and "knn_top1" in history[0]
+  assert history[-1]["step"] == 2 * (48 // 4)       # 48 images, 4 per step (16 / 4 rotations)
+  assert np.isfinite(history[-1]["loss"]) and history[-1]["super_accuracy"] > 0
+  ids = run.table_ids.numpy()
+  assert len(ids) == 48 and (np.diff(ids) > 0).all()
+  assert os.path.isdir(tmp_path / "run" / "tb")
+  weights = [w.numpy() for w in run.trunk.weights]
+  # A second trainer resumes at the end: no reassignment, no step.
+  again = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  assert again.fit() == []
+  assert int(again.step.numpy()) == history[-1]["step"]
+  np.testing.assert_array_equal(again.table_ids.numpy(), ids)
+  for a, b in zip(weights, again.trunk.weights):
+    np.testing.assert_array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize("mode", ["rotnet", "deepcluster"])
+def test_other_modes_train(tiny_shards, tmp_path, mode):
+  cfg = tiny_config(tiny_shards, tmp_path / mode, mode=mode, epochs=1)
+  history = trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
+  assert history[-1]["event"] == "epoch" and np.isfinite(history[-1]["loss"])
+  if mode == "rotnet":
+    assert history[-1]["sub_loss"] == 0 and history[-1]["super_accuracy"] > 0
+  else:
+    assert history[0]["event"] == "reassign" and history[-1]["super_loss"] == 0
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path):
+  cfg = tiny_config(tiny_shards, tmp_path / "nan", lr=1e30, epochs=1)
+  run = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  with pytest.raises(trainer.TrainingDiverged, match="last good checkpoint"):
+    run.fit()
+  latest = checkpointing.latest_checkpoint(str(tmp_path / "nan"))
+  assert latest.endswith("ckpt-0")   # saved after the initial reassignment, not after NaN
+
+
+def test_two_replicas_match_one_for_the_same_global_batch(tiny_shards, tmp_path):
+  cfg = tiny_config(tiny_shards, tmp_path / "r", mode="rotnet", weight_decay=1e-3)
+  cfg = cfg.replace(model={"dropout": 0.0})
+  one = trainer.Trainer(cfg.replace(train={"batch_per_replica": 16}), tf.distribute.get_strategy())
+  two = trainer.Trainer(cfg.replace(train={"batch_per_replica": 8, "model_dir": str(tmp_path / "r2")}),
+                        two_cpu_strategy())
+  for a, b in zip(one.trunk.weights + one.heads.weights, two.trunk.weights + two.heads.weights):
+    b.assign(a)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+           "super_class": rng.integers(0, 4, 16).astype(np.int32),
+           "sub_class": np.full(16, -1, np.int32), "skipped": np.zeros(16, np.int64)}
+  ds = tf.data.Dataset.from_tensors(batch).repeat()
+  for run in (one, run2 := two):
+    it = iter(run.strategy.experimental_distribute_dataset(ds))
+    run._train_loop(it, tf.constant(2))
+  for a, b in zip(one.variables, run2.variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=2e-5)
+
+
+def _train_cmd(data, model_dir, *extra):
+  return [sys.executable, os.path.join(REPO, "train.py"), f"--data_pattern={data}",
+          f"--eval_pattern={data}", f"--model_dir={model_dir}", "--image_size=32", "--width=0.125",
+          "--fc_dim=32", "--m=2", "--k=3", "--reassign_every=2", "--pca_dim=8",
+          "--kmeans_iters=3", "--batch_per_replica=16", "--lr=0.02", "--steps_per_loop=1",
+          "--checkpoint_every=2", "--knn_monitor=false", "--seed=5", *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume(tiny_shards, tmp_path):
+  model_dir = str(tmp_path / "killed")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = _train_cmd(tiny_shards, model_dir, "--epochs=3")
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  ckpt_dir = os.path.join(model_dir, "ckpt")
+  while time.time() < deadline:   # wait for a mid-epoch checkpoint (steps 2..10 of 12)
+    latest = tf.train.latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if latest and 4 <= int(latest.rsplit("-", 1)[1]) < 12:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = int(tf.train.latest_checkpoint(ckpt_dir).rsplit("-", 1)[1])
+  assert 0 < killed_at < 36
+  before = read_log(model_dir)
+  subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                 timeout=400)
+  after = read_log(model_dir)[len(before):]
+  assert after[-1]["step"] == 36
+  # Clustering of the current period is not redone after the restart.
+  reassigned = [r["epoch"] for r in after if r["event"] == "reassign"]
+  assert 0 not in reassigned
+  assert os.path.isfile(os.path.join(model_dir, "export", "model_card.json"))
