@@ -77,6 +77,7 @@ class Trainer:
                    if self.is_chief else tf.summary.create_noop_writer())
     self._train_loop = self._make_train_loop()
     self.previous_labels: np.ndarray | None = None
+    self._deadline = float("inf")
     self.history: list[dict] = []
 
   # --- one step ------------------------------------------------------------------------
@@ -220,7 +221,8 @@ class Trainer:
     lrs = losses.learning_rates(total_steps, t.lr, int(t.warmup_epochs * steps_per_epoch),
                                 t.schedule)
     start = time.time()
-    while int(self.step.numpy()) < total_steps:
+    self._deadline = start + max_seconds if max_seconds else float("inf")
+    while int(self.step.numpy()) < total_steps and time.time() < self._deadline:
       step = int(self.step.numpy())
       epoch, done = divmod(step, steps_per_epoch)
       period_start = epoch - epoch % cfg.clustering.reassign_every
@@ -230,10 +232,9 @@ class Trainer:
       record = self._train_epoch(epoch, done, steps_per_epoch, lrs)
       self._log(record)
       self._save()
-      if max_seconds and time.time() - start > max_seconds:
-        logging.info("stopping after %.0f s (--max_minutes); resume with the same command",
-                     time.time() - start)
-        break
+    if int(self.step.numpy()) < total_steps:
+      logging.info("stopped at step %d after %.0f s (--max_minutes); the same command resumes",
+                   int(self.step.numpy()), time.time() - start)
     return self.history
 
   def _plan(self, epoch: int, epoch_images: int) -> reader.EpochPlan | None:
@@ -266,7 +267,7 @@ class Trainer:
     bar = tqdm(total=steps_per_epoch, initial=done, unit="step", desc=f"epoch {epoch}",
                disable=not self.is_chief, leave=False)
     last_save = int(self.step.numpy())
-    while remaining > 0:
+    while remaining > 0 and time.time() < self._deadline:
       n = min(t.steps_per_loop, remaining)
       self.optimizer.learning_rate.assign(float(lrs[min(int(self.step.numpy()), len(lrs) - 1)]))
       out = {k: float(v) for k, v in self._train_loop(iterator, tf.constant(n)).items()}
@@ -294,6 +295,7 @@ class Trainer:
     bar.close()
     examples = max(seen * self.global_batch, 1)
     record = {"event": "epoch", "epoch": epoch, "step": int(self.step.numpy()),
+              "examples_seen": int(self.step.numpy()) * self.global_batch,
               "seconds": round(time.time() - t0, 2),
               "images_per_second": round(examples / max(time.time() - t0, 1e-9), 1),
               "loss": totals["loss"] / max(seen, 1),

@@ -1,0 +1,124 @@
+r"""k-means: dc_tf (tf.function, cross-replica sums) vs faiss-cpu vs scikit-learn (lloyd).
+
+Side by side in one run, on the same whitened, L2-normalised data and the same initial
+centroids, 10 iterations each, for (N=200k, d=128, k=1000) and (N=20k, d=4096, k=500).
+Reports s/iteration, ratios, final inertia, the assignment step's GFLOP/s against this
+machine's float32 matmul peak (measured here, numpy and TF), and peak extra memory over
+the feature matrix. Writes benchmarks/results/kmeans.json.
+
+  pip install -r benchmarks/requirements.txt   # faiss-cpu, pillow
+  python benchmarks/kmeans.py [--quick]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+import common  # noqa: E402
+from dc_tf.clustering import kmeans as km  # noqa: E402
+from dc_tf.clustering import pca  # noqa: E402
+
+ITERS = 10
+
+
+def matmul_peak(n=2048):
+  a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+  t_np, _ = common.timed(lambda: a @ a, repeat=5)
+  ta = tf.constant(a)
+  f = tf.function(lambda: tf.matmul(ta, ta))
+  f()
+  t_tf, _ = common.timed(lambda: f().numpy(), repeat=5)
+  flops = 2 * n ** 3
+  return flops / t_np / 1e9, flops / t_tf / 1e9
+
+
+def make_data(n, d, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(max(50, d // 8), d)).astype(np.float32)
+  x = centers[rng.integers(len(centers), size=n)] + rng.normal(size=(n, d)).astype(np.float32)
+  w = pca.fit_whitening(tf.distribute.get_strategy(), [x])
+  return w.apply(x)
+
+
+def inertia(x, c):
+  total = 0.0
+  for s in range(0, len(x), 8192):
+    chunk = x[s:s + 8192]
+    d = (chunk ** 2).sum(1)[:, None] - 2 * chunk @ c.T + (c ** 2).sum(1)[None]
+    total += float(np.maximum(d.min(1), 0).sum())
+  return total
+
+
+def run_ours(x, c0):
+  model = km.DistributedKMeans(tf.distribute.get_strategy(), chunk_size=8192)
+  model.fit([x], c0.shape[0], iters=1, centroids=c0)  # trace
+  with common.PeakRSS() as mem:
+    t, res = common.timed(lambda: model.fit([x], c0.shape[0], iters=ITERS, centroids=c0))
+  # Assignment step alone (the matmul + argmin), for GFLOP/s.
+  xt, ct = tf.constant(x), tf.constant(c0)
+  f = tf.function(lambda: km.assign_chunked(xt, ct, 8192))
+  f()
+  ta, _ = common.timed(lambda: f()[0].numpy(), repeat=3)
+  return {"seconds_per_iter": t / (ITERS + 1), "inertia": inertia(x, res.centroids),
+          "assign_seconds": ta, "peak_extra_bytes": mem.peak - mem.start}
+
+
+def run_faiss(x, c0):
+  import faiss
+  k, d = c0.shape[0], x.shape[1]
+  km_f = faiss.Kmeans(d, k, niter=ITERS, verbose=False, seed=0, max_points_per_centroid=10**9)
+  t, _ = common.timed(lambda: km_f.train(x, init_centroids=c0))
+  return {"seconds_per_iter": t / ITERS, "inertia": inertia(x, km_f.centroids)}
+
+
+def run_sklearn(x, c0):
+  from sklearn.cluster import KMeans
+  model = KMeans(c0.shape[0], init=c0, n_init=1, max_iter=ITERS, tol=0, algorithm="lloyd")
+  t, model = common.timed(lambda: model.fit(x))
+  return {"seconds_per_iter": t / ITERS, "inertia": inertia(x, model.cluster_centers_)}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--quick", action="store_true", help="10x smaller N (smoke test)")
+  args = p.parse_args()
+  peak_np, peak_tf = matmul_peak()
+  print(f"float32 matmul peak: numpy {peak_np:.0f} GFLOP/s, TF {peak_tf:.0f} GFLOP/s")
+  cases = [(200_000, 128, 1000), (20_000, 4096, 500)]
+  rows = []
+  for n, d, k in cases:
+    n = n // 10 if args.quick else n
+    x = make_data(n, d)
+    c0 = x[np.random.default_rng(1).choice(n, k, replace=False)].copy()
+    row = {"N": n, "d": d, "k": k, "iterations": ITERS, "ours": run_ours(x, c0)}
+    for name, fn in (("faiss", run_faiss), ("sklearn", run_sklearn)):
+      try:
+        row[name] = fn(x, c0)
+      except ImportError as e:
+        row[name] = {"error": str(e)}
+    ours = row["ours"]
+    flops = 2.0 * n * d * k
+    ours["assign_gflops"] = flops / ours["assign_seconds"] / 1e9
+    ours["assign_share_of_numpy_peak"] = ours["assign_gflops"] / peak_np
+    ours["peak_extra_over_features"] = ours["peak_extra_bytes"] / x.nbytes
+    for peer in ("faiss", "sklearn"):
+      if "seconds_per_iter" in row[peer]:
+        row[f"time_ratio_vs_{peer}"] = ours["seconds_per_iter"] / row[peer]["seconds_per_iter"]
+        row[f"inertia_ratio_vs_{peer}"] = ours["inertia"] / row[peer]["inertia"]
+    rows.append(row)
+    print({k2: v for k2, v in row.items() if k2 not in ("ours", "faiss", "sklearn")})
+    print("  ours", ours, "\n  faiss", row["faiss"], "\n  sklearn", row["sklearn"])
+  print(common.write("kmeans", {"matmul_peak_gflops": {"numpy": peak_np, "tensorflow": peak_tf},
+                                "quick": args.quick, "cases": rows}))
+
+
+if __name__ == "__main__":
+  main()

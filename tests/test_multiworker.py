@@ -1,0 +1,82 @@
+"""Two local worker processes (TF_CONFIG on 127.0.0.1): k-means and training agree."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def free_ports(n):
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+def run_workers(args, timeout=420):
+  ports = free_ports(2)
+  workers = [f"127.0.0.1:{p}" for p in ports]
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+    procs.append(subprocess.Popen([sys.executable, *args(i)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outs.append(out)
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def test_two_worker_kmeans_equals_one_process(tmp_path):
+  from multiworker_job import fixed_data
+  from dc_tf.clustering import hierarchy
+  run_workers(lambda i: [os.path.join(REPO, "tests", "multiworker_job.py"), "kmeans",
+                         str(tmp_path / f"w{i}.npz")])
+  x, ids = fixed_data()
+  single = hierarchy.cluster(tf.distribute.get_strategy(), [x], [ids], m=3, k=3, iters=8, seed=0)
+  for i in range(2):
+    got = np.load(tmp_path / f"w{i}.npz")
+    np.testing.assert_array_equal(got["ids"], single.image_ids)
+    np.testing.assert_array_equal(got["sup"], single.super_cluster)
+    np.testing.assert_array_equal(got["sub"], single.sub_cluster)
+
+
+def test_two_worker_training_ends_with_identical_weights(tiny_shards, tmp_path):
+  model_dir = tmp_path / "mw"
+  cmd = [os.path.join(REPO, "train.py"), f"--data_pattern={tiny_shards}",
+         f"--eval_pattern={tiny_shards}", f"--model_dir={model_dir}", "--image_size=32",
+         "--width=0.125", "--fc_dim=32", "--m=2", "--k=3", "--reassign_every=1", "--pca_dim=8",
+         "--kmeans_iters=3", "--batch_per_replica=8", "--lr=0.02", "--steps_per_loop=2",
+         "--epochs=2", "--epoch_size=24", "--knn_monitor=false", "--collective_timeout=120"]
+  run_workers(lambda i: cmd)
+  log = [json.loads(l) for l in open(model_dir / "log.jsonl")]
+  assert [r["event"] for r in log] == ["reassign", "epoch", "reassign", "epoch"]
+  chief = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
+  other = tf.train.latest_checkpoint(str(model_dir / "tmp" / "worker-1"))
+  assert chief.rsplit("-", 1)[1] == other.rsplit("-", 1)[1]
+  r1, r2 = tf.train.load_checkpoint(chief), tf.train.load_checkpoint(other)
+  names = [n for n, _ in tf.train.list_variables(chief) if n.startswith(("trunk/", "heads/", "table"))]
+  assert len(names) > 20
+  for n in names:
+    np.testing.assert_array_equal(r1.get_tensor(n), r2.get_tensor(n), err_msg=n)
