@@ -8,6 +8,7 @@ Re-running the same command resumes from the last checkpoint in --model_dir.
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -20,6 +21,7 @@ DEFAULT_FLAGFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fla
 
 def main(argv):
   del argv
+  import tensorflow as tf
   from dc_tf import distribute
   from dc_tf.data import reader
   from dc_tf.training import checkpointing, trainer
@@ -31,7 +33,23 @@ def main(argv):
   logging.info("strategy %s, %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
   checkpointing.write_config(config.train.model_dir, config)
   run = trainer.Trainer(config, strategy)
-  run.fit(max_seconds=flags.FLAGS.max_minutes * 60)
+
+  def on_sigterm(signum, frame):  # preemption: finish the current loop, save, exit cleanly
+    del signum, frame
+    run.preempted = True
+  signal.signal(signal.SIGTERM, on_sigterm)
+  try:
+    run.fit(max_seconds=flags.FLAGS.max_minutes * 60)
+  except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
+          tf.errors.CancelledError) as e:
+    raise SystemExit(
+        f"a collective failed: a peer worker is stopped, dead or unreachable "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Restart every worker with the "
+        "same command: training resumes from the last checkpoint in --model_dir.") from e
+  if run.preempted:
+    logging.warning("preempted: checkpoint saved at step %d; re-run the same command to resume",
+                    int(run.step.numpy()))
+    return
   export_dir = config.train.export_dir or os.path.join(config.train.model_dir, "export")
   card = run.export(export_dir)
   if card:

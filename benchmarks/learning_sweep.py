@@ -37,6 +37,7 @@ POINTS = {
 
 
 def run(cmd, log):
+  os.makedirs(os.path.dirname(log), exist_ok=True)
   with open(log, "w") as f:
     subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))

@@ -149,6 +149,26 @@ def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict
   return card
 
 
+DENYLISTED_OPS = ("ReadFile", "WriteFile", "PrintV2")  # as `saved_model_cli scan`
+
+
+def scan_ops(path: str) -> dict:
+  """Counts denylisted ops (file I/O, printing) in a SavedModel's graphs and functions."""
+  from tensorflow.core.protobuf import saved_model_pb2
+  sm = saved_model_pb2.SavedModel()
+  with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as f:
+    sm.ParseFromString(f.read())
+  found: dict[str, int] = {}
+  for meta in sm.meta_graphs:
+    nodes = list(meta.graph_def.node)
+    for fn in meta.graph_def.library.function:
+      nodes += list(fn.node_def)
+    for node in nodes:
+      if node.op in DENYLISTED_OPS:
+        found[node.op] = found.get(node.op, 0) + 1
+  return found
+
+
 def load(path: str, verify: bool = True):
   """Loads serving/ or trunk/ (or an export dir: serving/) with clear errors, checking the
   model card's sha256 when one is next to it (a mismatch refuses to load)."""

@@ -61,8 +61,10 @@ def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarr
             seed: int = 0, init: str = "random", chunk_size: int = 8192) -> Assignment:
   """Whitens, clusters into m super-clusters then k sub-clusters each; returns the table.
 
-  A super-cluster with fewer than k members gets as many sub-clusters as members (a
-  warning is logged); an empty one gets none.
+  A super-cluster with fewer than k members gets as many sub-clusters as members, one
+  whose members all have identical features gets a single sub-cluster (a warning is
+  logged in both cases); an empty one gets none. All-identical features overall raise
+  ClusteringError.
   """
   whitening = pca.fit_whitening(strategy, local_features, pca_dim, pca_sample)
   local_w = [whitening.apply(x) for x in local_features]
@@ -82,6 +84,10 @@ def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarr
     if n_s == 0:
       logging.warning("super-cluster %d is empty: no sub-clusters", s)
       continue
+    if n_s > 1 and kmeans.check_features(subset)[1] <= 1e-12:
+      logging.warning("super-cluster %d: all %d members have identical features (collapse): "
+                      "one sub-cluster", s, n_s)
+      continue  # every member keeps sub-cluster 0
     k_s = min(k, n_s)
     if k_s < k:
       logging.warning("super-cluster %d has %d members < k=%d: using %d sub-clusters",

@@ -27,6 +27,7 @@ from dc_tf.models import heads as heads_lib
 from dc_tf.models import vgg
 from dc_tf.training import checkpointing, losses
 
+COLLAPSE_SHARE = 0.5     # one cluster holding more than this share of the images: alarm
 METRICS = ("loss", "super_loss", "sub_loss", "super_correct", "sub_correct")
 
 
@@ -65,7 +66,11 @@ class Trainer:
       self.table_super = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
       self.table_sub = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
       self.assignment_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
+      # The step -> (epoch, position) mapping depends on the global batch: a run resumed
+      # with another one would be silently misaligned, so it is saved and checked.
+      self.saved_global_batch = tf.Variable(self.global_batch, dtype=tf.int64, trainable=False)
     self.checkpoint = tf.train.Checkpoint(
+        global_batch=self.saved_global_batch,
         trunk=self.trunk, heads=self.heads, optimizer=self.optimizer, step=self.step,
         table_ids=self.table_ids, table_super=self.table_super, table_sub=self.table_sub,
         assignment_epoch=self.assignment_epoch)
@@ -76,6 +81,8 @@ class Trainer:
     self.writer = (tf.summary.create_file_writer(os.path.join(t.model_dir, "tb"))
                    if self.is_chief else tf.summary.create_noop_writer())
     self._train_loop = self._make_train_loop()
+    self._agree = self._make_agreement()
+    self.preempted = False      # set by a SIGTERM handler (train.py); all workers agree on it
     self.previous_labels: np.ndarray | None = None
     self._deadline = float("inf")
     self.history: list[dict] = []
@@ -113,6 +120,25 @@ class Trainer:
       return totals
     return tf.function(loop, jit_compile=False)
 
+  def _make_agreement(self):
+    """max over workers of a local flag: every worker learns that one was preempted, so
+    all save at the same step (our equivalent of PreemptionCheckpointHandler)."""
+    strategy = self.strategy
+
+    @tf.function
+    def agree(flag):
+      def fn(f):
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MAX, f)
+      return strategy.run(fn, args=(flag,))
+    return agree
+
+  def should_stop(self) -> bool:
+    if self.strategy.num_replicas_in_sync == 1:
+      return self.preempted
+    out = self._agree(tf.constant(1.0 if self.preempted else 0.0))
+    self.preempted = bool(dist.first_local(self.strategy, out).numpy() > 0)
+    return self.preempted
+
   # --- reassignment --------------------------------------------------------------------
   def reassign(self, epoch: int) -> dict:
     """Extracts fc7 of every image, whitens, clusters hierarchically, re-inits heads."""
@@ -145,6 +171,11 @@ class Trainer:
              "nonempty_clusters": int((sizes > 0).sum()),
              "largest_cluster_share": float(sizes.max() / len(labels)),
              "skipped_records": int(feats["skipped"])}
+    if stats["largest_cluster_share"] > COLLAPSE_SHARE:
+      logging.warning("collapse alarm: one cluster holds %.0f%% of the images (> %.0f%%): "
+                      "features may be collapsing (lower --lr, check the data)",
+                      100 * stats["largest_cluster_share"], 100 * COLLAPSE_SHARE)
+      stats["collapse_alarm"] = True
     if self.previous_labels is not None and len(self.previous_labels) == len(labels):
       stats["nmi_previous"] = float(normalized_mutual_info_score(self.previous_labels, labels))
     self.previous_labels = labels
@@ -184,6 +215,15 @@ class Trainer:
   def restore(self) -> bool:
     latest = self.manager.latest_checkpoint
     if latest:
+      saved = tf.train.load_checkpoint(latest)
+      key = "global_batch/.ATTRIBUTES/VARIABLE_VALUE"
+      if saved.has_tensor(key) and int(saved.get_tensor(key)) != self.global_batch:
+        raise RuntimeError(
+            f"{latest} was written with a global batch of {int(saved.get_tensor(key))}; this run "
+            f"has {self.global_batch} ({self.strategy.num_replicas_in_sync} replicas x "
+            f"--batch_per_replica={self.config.train.batch_per_replica}). Resuming would misalign "
+            "the epoch position: set --batch_per_replica so that the global batch is unchanged "
+            "(the cluster table and sampler are global, so any worker count works then).")
       self.checkpoint.restore(latest)
       logging.info("resumed from %s at step %d", latest, int(self.step.numpy()))
       if len(self.table_ids.numpy()):
@@ -222,7 +262,8 @@ class Trainer:
                                 t.schedule)
     start = time.time()
     self._deadline = start + max_seconds if max_seconds else float("inf")
-    while int(self.step.numpy()) < total_steps and time.time() < self._deadline:
+    while (int(self.step.numpy()) < total_steps and time.time() < self._deadline
+           and not self.preempted):
       step = int(self.step.numpy())
       epoch, done = divmod(step, steps_per_epoch)
       period_start = epoch - epoch % cfg.clustering.reassign_every
@@ -268,6 +309,10 @@ class Trainer:
                disable=not self.is_chief, leave=False)
     last_save = int(self.step.numpy())
     while remaining > 0 and time.time() < self._deadline:
+      if self.should_stop():
+        logging.warning("preempted (SIGTERM): saving a checkpoint at step %d and exiting",
+                        int(self.step.numpy()))
+        break
       n = min(t.steps_per_loop, remaining)
       self.optimizer.learning_rate.assign(float(lrs[min(int(self.step.numpy()), len(lrs) - 1)]))
       out = {k: float(v) for k, v in self._train_loop(iterator, tf.constant(n)).items()}
@@ -304,6 +349,11 @@ class Trainer:
               "super_accuracy": totals["super_correct"] / examples,
               "sub_accuracy": totals["sub_correct"] / examples,
               "skipped_records": int(totals["skipped"])}
+    k_sub = cfg.num_sub_classes
+    if k_sub and seen and abs(record["sub_loss"] - np.log(k_sub)) < 0.01 * np.log(k_sub):
+      logging.warning("collapse alarm: sub-class loss %.3f sits at ln k = %.3f for the whole "
+                      "epoch: the sub-heads learn nothing", record["sub_loss"], np.log(k_sub))
+      record["collapse_alarm"] = True
     with self.writer.as_default(step=int(self.step.numpy())):
       for k in ("super_accuracy", "sub_accuracy", "super_loss", "sub_loss"):
         tf.summary.scalar(f"train/{k}", record[k])

@@ -1,0 +1,94 @@
+"""Faults: SIGTERM, changed global batch, collapse alarms, export scans."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from test_trainer import _train_cmd, read_log, tiny_config
+from dc_tf import export
+from dc_tf.clustering import extract
+from dc_tf.training import trainer
+
+
+def _iterations(model_dir):
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt")))
+  return int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_loses_no_step(tiny_shards, tmp_path):
+  model_dir = str(tmp_path / "term")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = _train_cmd(tiny_shards, model_dir, "--epochs=3", "--checkpoint_every=0")
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and not os.path.exists(os.path.join(model_dir, "log.jsonl")):
+    time.sleep(0.1)
+  time.sleep(3)  # mid-training
+  t0 = time.time()
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert time.time() - t0 < 60
+  stopped_at = _iterations(model_dir)
+  assert 0 < stopped_at < 36
+  subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=400)
+  assert _iterations(model_dir) == 36          # none lost, none repeated
+  assert read_log(model_dir)[-1]["step"] == 36
+
+
+def test_changed_global_batch_is_refused(tiny_shards, tmp_path):
+  cfg = tiny_config(tiny_shards, tmp_path / "gb", mode="rotnet", epochs=1, knn_monitor=False)
+  trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
+  other = cfg.replace(train={"batch_per_replica": 8})
+  with pytest.raises(RuntimeError, match="global batch of 16"):
+    trainer.Trainer(other, tf.distribute.get_strategy()).fit()
+
+
+def test_collapse_alarm(tiny_shards, tmp_path, monkeypatch, caplog):
+  real = extract.extract
+
+  def collapsing(*args, **kwargs):
+    out = real(*args, **kwargs)
+    rng = np.random.default_rng(0)
+    f = np.tile(rng.normal(size=(1, out["fc7"].shape[1])), (len(out["fc7"]), 1))
+    f[: len(f) // 8] += rng.normal(size=(len(f) // 8, f.shape[1])) * 5  # 1/8 spread, rest one point
+    out["fc7"] = f.astype(np.float32)  # 7/8 of the images share one feature vector
+    return out
+  monkeypatch.setattr(extract, "extract", collapsing)
+  cfg = tiny_config(tiny_shards, tmp_path / "col", epochs=1, knn_monitor=False)
+  run = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  with caplog.at_level("WARNING"):
+    stats = run.reassign(0)
+  assert stats.get("collapse_alarm") and "collapse alarm" in caplog.text
+
+
+def test_serving_export_has_no_file_io_and_reloads_in_a_fresh_process(tmp_path):
+  from dc_tf.models import vgg
+  trunk = vgg.build_trunk(32, 0.125, 16)
+  export.export(trunk, str(tmp_path), image_size=32)
+  assert export.scan_ops(str(tmp_path / "serving")) == {}
+  x = np.random.default_rng(0).uniform(0, 255, (2, 40, 40, 3)).astype(np.float32)
+  np.save(tmp_path / "x.npy", x)
+  want = export.load(str(tmp_path)).signatures["features_from_pixels"](images=x)["fc7"].numpy()
+  code = ("import numpy as np, tensorflow as tf, sys; from dc_tf import export; "
+          f"m = export.load({str(tmp_path)!r}); x = np.load({str(tmp_path / 'x.npy')!r}); "
+          "np.save(sys.argv[1], m.signatures['features_from_pixels'](images=x)['fc7'].numpy())")
+  subprocess.run([sys.executable, "-c", code, str(tmp_path / "y.npy")], check=True, cwd=REPO,
+                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=120)
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, atol=1e-6)
+  # The scan does find file I/O where there is some.
+  class Reader(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def read(self, path):
+      return tf.io.read_file(path)
+  tf.saved_model.save(Reader(), str(tmp_path / "bad"))
+  assert export.scan_ops(str(tmp_path / "bad")).get("ReadFile", 0) >= 1
