@@ -37,23 +37,36 @@ class Assignment:
 
 def _gather_fn(strategy):
   @tf.function(reduce_retracing=True)
-  def gather(dist_values):
-    def fn(v):
-      return tf.distribute.get_replica_context().all_gather(v, axis=0)
-    return strategy.run(fn, args=(dist_values,))
+  def gather(dist_rows, dist_offset, total):
+    # Each replica writes its rows at its offset of a zero buffer; a SUM all-reduce then
+    # gives every worker the whole table (all_gather is rejected under MWMS here).
+    def fn(rows, offset):
+      index = offset + tf.range(tf.shape(rows, out_type=tf.int64)[0])
+      buf = tf.scatter_nd(index[:, None], rows, tf.stack([total, tf.shape(rows, out_type=tf.int64)[1]]))
+      return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, buf)
+    return strategy.run(fn, args=(dist_rows, dist_offset))
   return gather
 
 
+_LOW_BITS = 2**31
+
+
 def gather_table(strategy, local_columns: list[np.ndarray]) -> np.ndarray:
-  """Concatenates every replica's int64 rows [n_r, c] in replica order, on every worker
-  (padded to the largest replica for the all_gather, then un-padded)."""
+  """Concatenates every replica's int64 rows [n_r, c] in replica order, on every worker.
+  Values travel as float64 halves (v >> 31, v & (2^31 - 1)), so 63-bit ids stay exact."""
   kmeans = km.DistributedKMeans(strategy)
   sizes = kmeans.replica_sizes(local_columns)
-  width = int(sizes.max())
-  padded = [np.pad(np.asarray(c, np.int64), [(0, width - len(c)), (0, 0)]) for c in local_columns]
-  out = dist.first_local(strategy, _gather_fn(strategy)(dist.distribute_local(strategy, padded)))
-  out = out.numpy().reshape(len(sizes), width, -1)
-  return np.concatenate([out[r, :sizes[r]] for r in range(len(sizes))])
+  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+  n_local = dist.num_local_replicas(strategy)
+  first = dist.worker_index(strategy) * n_local
+  split = [np.concatenate([np.asarray(c, np.int64) // _LOW_BITS, np.asarray(c, np.int64) % _LOW_BITS],
+                          axis=1).astype(np.float64) for c in local_columns]
+  out = _gather_fn(strategy)(dist.distribute_local(strategy, split),
+                             dist.distribute_local(strategy, [offsets[first + i] for i in range(n_local)]),
+                             tf.constant(int(sizes.sum()), tf.int64))
+  table = dist.first_local(strategy, out).numpy()
+  c = table.shape[1] // 2
+  return table[:, :c].astype(np.int64) * _LOW_BITS + table[:, c:].astype(np.int64)
 
 
 def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarray], *,

@@ -112,8 +112,13 @@ class DistributedKMeans:
 
     @tf.function(reduce_retracing=True)
     def gather_sizes(dist_n):
+      # all_reduce of a one-hot vector rather than all_gather, which
+      # MultiWorkerMirroredStrategy rejects here ("destinations can not be empty").
       def fn(n):
-        return tf.distribute.get_replica_context().all_gather(tf.reshape(n, [1]), axis=0)
+        ctx = tf.distribute.get_replica_context()
+        onehot = tf.one_hot(ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync,
+                            dtype=tf.float64) * tf.cast(n, tf.float64)
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, onehot)
       return strategy.run(fn, args=(dist_n,))
     self._sizes = gather_sizes
 
@@ -124,7 +129,7 @@ class DistributedKMeans:
   def replica_sizes(self, local_x: list[np.ndarray]) -> np.ndarray:
     """Rows held by every replica, in replica order (identical on all workers)."""
     dist_n = dist.distribute_local(self.strategy, [np.int64(len(x)) for x in local_x])
-    return dist.first_local(self.strategy, self._sizes(dist_n)).numpy()
+    return dist.first_local(self.strategy, self._sizes(dist_n)).numpy().astype(np.int64)
 
   def check_features(self, local_x: list[np.ndarray]) -> tuple[int, float]:
     """(total rows, total variance); raises ClusteringError on NaN/Inf."""

@@ -48,15 +48,6 @@ def hierarchical_loss(super_logits: tf.Tensor, super_class: tf.Tensor,
           "super_correct": super_correct, "sub_correct": sub_correct}
 
 
-def coupled_weight_decay(grads, variables, weight_decay: float):
-  """g + wd * w: L2 added to the gradient before momentum, as torch.optim.SGD's
-  weight_decay in the original (not Keras' decoupled `weight_decay`)."""
-  if not weight_decay:
-    return list(grads)
-  return [g + weight_decay * tf.cast(v, g.dtype) if g is not None else None
-          for g, v in zip(grads, variables)]
-
-
 def learning_rates(total_steps: int, base_lr: float, warmup_steps: int = 0,
                    schedule: str = "constant"):
   """The per-step learning rate, computed up front (indexed by the global step)."""

@@ -25,7 +25,7 @@ from dc_tf.config import ExperimentConfig
 from dc_tf.data import reader, sampler
 from dc_tf.models import heads as heads_lib
 from dc_tf.models import vgg
-from dc_tf.training import checkpointing, losses
+from dc_tf.training import checkpointing, losses, optim
 
 COLLAPSE_SHARE = 0.5     # one cluster holding more than this share of the images: alarm
 METRICS = ("loss", "super_loss", "sub_loss", "super_correct", "sub_correct")
@@ -55,20 +55,21 @@ class Trainer:
       self.heads = heads_lib.HierarchicalHeads(config.num_super_classes, config.num_sub_classes,
                                                impl=t.sub_head_impl, dtype="float32")
       self.heads.build([None, mc.fc_units])
-      self.optimizer = keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum)
       self.variables = self.trunk.trainable_variables + self.heads.trainable_variables
-      self.optimizer.build(self.variables)
+      self.optimizer = optim.SGD(self.variables, t.lr, t.momentum, t.weight_decay)
       self.step = tf.Variable(0, dtype=tf.int64, name="step", trainable=False)
-      # Cluster state (explicit, checkpointed): the id -> (super, sub) table and the epoch
-      # it was computed at, so a resumed run does not re-cluster.
-      none = tf.TensorShape(None)
-      self.table_ids = tf.Variable(np.zeros([0], np.int64), shape=none, trainable=False)
-      self.table_super = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
-      self.table_sub = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
       self.assignment_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
       # The step -> (epoch, position) mapping depends on the global batch: a run resumed
       # with another one would be silently misaligned, so it is saved and checked.
       self.saved_global_batch = tf.Variable(self.global_batch, dtype=tf.int64, trainable=False)
+    # Cluster state (explicit, checkpointed): the id -> (super, sub) table and the epoch
+    # it was computed at, so a resumed run does not re-cluster. Every worker computes the
+    # same table through collectives, so these are plain local variables (outside the
+    # strategy scope: MWMS's initial broadcast of an unknown-shape variable crashes).
+    none = tf.TensorShape(None)
+    self.table_ids = tf.Variable(np.zeros([0], np.int64), shape=none, trainable=False)
+    self.table_super = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
+    self.table_sub = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
     self.checkpoint = tf.train.Checkpoint(
         global_batch=self.saved_global_batch,
         trunk=self.trunk, heads=self.heads, optimizer=self.optimizer, step=self.step,
@@ -98,9 +99,9 @@ class Trainer:
                     if cfg.num_sub_classes else None)
       terms = losses.hierarchical_loss(super_logits, batch["super_class"], sub_logits,
                                        batch["sub_class"], self.global_batch)
-    grads = tape.gradient(terms["loss"], self.variables)
-    grads = losses.coupled_weight_decay(grads, self.variables, cfg.train.weight_decay)
-    self.optimizer.apply_gradients(zip(grads, self.variables))
+    grads = optim.sum_gradients(tape.gradient(terms["loss"], self.variables))
+    tf.distribute.get_replica_context().merge_call(
+        lambda strategy, g: self.optimizer.apply(g), args=(grads,))
     terms["skipped"] = tf.cast(tf.reduce_max(batch["skipped"]), tf.float32)
     return terms
 
@@ -121,21 +122,24 @@ class Trainer:
     return tf.function(loop, jit_compile=False)
 
   def _make_agreement(self):
-    """max over workers of a local flag: every worker learns that one was preempted, so
+    """Sum over workers of a local flag: every worker learns that one was preempted, so
     all save at the same step (our equivalent of PreemptionCheckpointHandler)."""
     strategy = self.strategy
 
     @tf.function
     def agree(flag):
       def fn(f):
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MAX, f)
+        f = tf.identity(f)  # placed on the replica's device: MWMS needs a destination
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, f)
       return strategy.run(fn, args=(flag,))
     return agree
 
   def should_stop(self) -> bool:
     if self.strategy.num_replicas_in_sync == 1:
       return self.preempted
-    out = self._agree(tf.constant(1.0 if self.preempted else 0.0))
+    flag = np.float32(1.0 if self.preempted else 0.0)
+    n_local = dist.num_local_replicas(self.strategy)
+    out = self._agree(dist.distribute_local(self.strategy, [flag] * n_local))
     self.preempted = bool(dist.first_local(self.strategy, out).numpy() > 0)
     return self.preempted
 
@@ -163,7 +167,7 @@ class Trainer:
     self.assignment_epoch.assign(epoch)
     if cfg.train.reinit_heads:
       reset = self.heads.reinitialize(cfg.train.seed + epoch, include_super=cfg.num_super_clusters > 1)
-      self._reset_optimizer_slots(reset)
+      self.optimizer.reset_slots(reset)
     labels = assignment.flat_labels
     sizes = np.bincount(labels)
     stats = {"event": "reassign", "epoch": epoch, "images": int(len(labels)),
@@ -187,11 +191,6 @@ class Trainer:
         if key in stats:
           tf.summary.scalar(f"clusters/{key}", stats[key])
     return stats
-
-  def _reset_optimizer_slots(self, variables):
-    for v in variables:
-      index = self.optimizer._get_variable_index(v)  # noqa: SLF001 - no public API for slots
-      self.optimizer.momentums[index].assign(tf.zeros_like(self.optimizer.momentums[index]))
 
   def _knn_monitor(self) -> float:
     """Leave-one-out 20-NN (cosine) top-1 on the labelled eval slice: are features forming?"""

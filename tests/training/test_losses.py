@@ -25,7 +25,8 @@ def test_single_super_class_and_no_sub_heads():
   assert float(out["loss"]) == 0.0
 
 
-def test_coupled_weight_decay_is_torch_sgd_not_keras_decoupled():
+def test_sgd_is_torch_sgd_with_coupled_decay_not_keras_decoupled():
+  from dc_tf.training import optim
   w0 = np.array([1.0, -2.0], np.float32)
   grads = [np.array([0.5, 0.1], np.float32), np.array([-0.2, 0.3], np.float32)]
   lr, mu, wd = 0.1, 0.9, 0.01
@@ -35,15 +36,18 @@ def test_coupled_weight_decay_is_torch_sgd_not_keras_decoupled():
     v = mu * v + (g + wd * w)
     w = w - lr * v
   var = tf.Variable(w0)
-  opt = keras.optimizers.SGD(lr, momentum=mu)
+  opt = optim.SGD([var], lr, momentum=mu, weight_decay=wd)
   for g in grads:
-    opt.apply_gradients(zip(losses.coupled_weight_decay([tf.constant(g)], [var], wd), [var]))
+    opt.apply([tf.constant(g)])
   np.testing.assert_allclose(var.numpy(), w, rtol=1e-6)
+  assert int(opt.iterations.numpy()) == 2
   decoupled = tf.Variable(w0)
-  opt2 = keras.optimizers.SGD(lr, momentum=mu, weight_decay=wd)
+  keras_opt = keras.optimizers.SGD(lr, momentum=mu, weight_decay=wd)
   for g in grads:
-    opt2.apply_gradients([(tf.constant(g), decoupled)])
+    keras_opt.apply_gradients([(tf.constant(g), decoupled)])
   assert not np.allclose(decoupled.numpy(), w, rtol=1e-6)
+  opt.reset_slots([var])
+  assert not opt.slots[0].numpy().any()
 
 
 def test_learning_rate_schedule():

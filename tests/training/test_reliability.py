@@ -20,7 +20,7 @@ from dc_tf.training import trainer
 
 def _iterations(model_dir):
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt")))
-  return int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+  return int(reader.get_tensor("optimizer/iterations/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
 @pytest.mark.slow
