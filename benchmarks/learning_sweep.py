@@ -32,6 +32,8 @@ POINTS = {
     "crop0.3_nodrop_lr0.1_nouniform": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--uniform_sampler=false"],
     "crop0.3_nodrop_lr0.1_1rot": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--all_rotations=false"],
     "crop0.3_nodrop_lr0.1_w0.5": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--width=0.5"],
+    "rotwarm1": ["--rotnet_warmup_epochs=1"],
+    "rotwarm_half": ["--rotnet_warmup_epochs=3"],
     "deepcluster_crop0.3_nodrop_lr0.1": ["--mode=deepcluster", "--k=80", "--crop_scale_min=0.3", "--dropout=0", "--lr=0.1"],
 }
 

@@ -50,6 +50,8 @@ def define_train_flags() -> None:
   flags.DEFINE_float("weight_decay", _T.weight_decay, "Coupled L2 weight decay.")
   flags.DEFINE_bool("uniform_sampler", _T.uniform_sampler, "Sample epochs uniformly over clusters.")
   flags.DEFINE_bool("reinit_heads", _T.reinit_heads, "Re-initialise heads after reassignment.")
+  flags.DEFINE_integer("rotnet_warmup_epochs", _T.rotnet_warmup_epochs,
+                       "Rotation-only epochs before the first clustering (deepercluster mode).")
   flags.DEFINE_enum("sub_head_impl", _T.sub_head_impl, ["group", "gather"], "Sub-head logits.")
   flags.DEFINE_integer("steps_per_loop", _T.steps_per_loop, "Train steps per tf.function call.")
   flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints.")
@@ -81,6 +83,7 @@ def config_from_flags() -> ExperimentConfig:
                         all_rotations=f.all_rotations, lr=f.lr, warmup_epochs=f.warmup_epochs,
                         schedule=f.schedule, momentum=f.momentum, weight_decay=f.weight_decay,
                         uniform_sampler=f.uniform_sampler, reinit_heads=f.reinit_heads,
+                        rotnet_warmup_epochs=f.rotnet_warmup_epochs,
                         sub_head_impl=f.sub_head_impl, steps_per_loop=f.steps_per_loop,
                         checkpoint_every=f.checkpoint_every,
                         keep_checkpoints=f.keep_checkpoints, seed=f.seed,

@@ -76,6 +76,7 @@ class TrainConfig:
   weight_decay: float = 1e-5          # coupled L2, as torch.optim.SGD in the original
   uniform_sampler: bool = True
   reinit_heads: bool = True
+  rotnet_warmup_epochs: int = 0       # rotation-only epochs before the first clustering
   sub_head_impl: str = "group"        # group | gather
   steps_per_loop: int = 10
   checkpoint_every: int = 200         # steps; also at every epoch end

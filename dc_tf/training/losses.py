@@ -40,8 +40,14 @@ def hierarchical_loss(super_logits: tf.Tensor, super_class: tf.Tensor,
   else:
     super_loss, super_correct = zero, zero
   if sub_logits is not None:
-    sub_loss = cross_entropy_sum(sub_logits, sub_class) * scale
-    sub_correct = correct(sub_logits, sub_class)
+    # Examples without a sub-class (-1: before the first clustering) get no sub loss.
+    has_sub = tf.cast(tf.greater_equal(sub_class, 0), tf.float32)
+    safe = tf.maximum(tf.cast(sub_class, tf.int32), 0)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe,
+                                                        logits=tf.cast(sub_logits, tf.float32))
+    sub_loss = tf.reduce_sum(ce * has_sub) * scale
+    hits = tf.cast(tf.equal(tf.argmax(sub_logits, -1, output_type=tf.int32), safe), tf.float32)
+    sub_correct = tf.reduce_sum(hits * has_sub)
   else:
     sub_loss, sub_correct = zero, zero
   return {"loss": super_loss + sub_loss, "super_loss": super_loss, "sub_loss": sub_loss,

@@ -247,7 +247,8 @@ class Trainer:
   def fit(self, max_seconds: float = 0.0) -> list[dict]:
     cfg, t = self.config, self.config.train
     self.restore()
-    if cfg.uses_clustering and int(self.assignment_epoch.numpy()) < 0:
+    warmup = t.rotnet_warmup_epochs if cfg.train.mode == "deepercluster" else 0
+    if cfg.uses_clustering and not warmup and int(self.assignment_epoch.numpy()) < 0:
       self._log(self.reassign(0))
       self._save()
     pool = self._pool_size()
@@ -265,8 +266,11 @@ class Trainer:
            and not self.preempted):
       step = int(self.step.numpy())
       epoch, done = divmod(step, steps_per_epoch)
-      period_start = epoch - epoch % cfg.clustering.reassign_every
-      if cfg.uses_clustering and int(self.assignment_epoch.numpy()) < period_start:
+      # Reassign every T epochs, counted from the end of the rotation warm-up.
+      since = epoch - warmup
+      period_start = warmup + since - since % cfg.clustering.reassign_every
+      if (cfg.uses_clustering and epoch >= warmup
+          and int(self.assignment_epoch.numpy()) < period_start):
         self._log(self.reassign(epoch))
         self._save()
       record = self._train_epoch(epoch, done, steps_per_epoch, lrs)
@@ -278,8 +282,8 @@ class Trainer:
     return self.history
 
   def _plan(self, epoch: int, epoch_images: int) -> reader.EpochPlan | None:
-    if not self.config.uses_clustering:
-      return None
+    if not self.config.uses_clustering or not len(self.table_ids.numpy()):
+      return None  # RotNet, or the rotation warm-up: every image once, no sub-class
     cfg = self.config
     labels = self.table_super.numpy().astype(np.int64) * cfg.clustering.k + self.table_sub.numpy()
     mult = sampler.epoch_multiplicity(labels, epoch_images, cfg.train.seed, epoch,

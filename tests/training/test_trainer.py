@@ -141,3 +141,13 @@ def test_kill_9_mid_epoch_then_resume(tiny_shards, tmp_path):
   reassigned = [r["epoch"] for r in after if r["event"] == "reassign"]
   assert 0 not in reassigned
   assert os.path.isfile(os.path.join(model_dir, "export", "model_card.json"))
+
+
+def test_rotation_warmup_then_clustering(tiny_shards, tmp_path):
+  cfg = tiny_config(tiny_shards, tmp_path / "warm", rotnet_warmup_epochs=1, epochs=3,
+                    knn_monitor=False).replace(clustering={"reassign_every": 2})
+  history = trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
+  assert [(r["event"], r["epoch"]) for r in history] == [
+      ("epoch", 0), ("reassign", 1), ("epoch", 1), ("epoch", 2)]
+  assert history[0]["sub_loss"] == 0 and history[0]["super_accuracy"] > 0
+  assert history[2]["sub_loss"] > 0
