@@ -80,3 +80,30 @@ def test_two_worker_training_ends_with_identical_weights(tiny_shards, tmp_path):
   assert len(names) > 20
   for n in names:
     np.testing.assert_array_equal(r1.get_tensor(n), r2.get_tensor(n), err_msg=n)
+
+
+def test_bad_records_on_one_worker_keep_workers_in_step(tmp_path, example):
+  """4 shards: worker 0 reads shards 0 and 2; shard 0 holds corrupt records. Both workers
+  must run the same steps (else the collectives would hang) and the skips are counted."""
+  from conftest import write_image_folder, write_records
+  from dc_tf.data import make_shards
+  items = make_shards.collect_items("folder", write_image_folder(str(tmp_path / "img"), 3, 8))
+  make_shards.write_shards(items, str(tmp_path / "s"), "train", 4, progress=False)
+  bad = str(tmp_path / "s" / "train-00000-of-00004.tfrecord")
+  good = [r.numpy() for r in tf.data.TFRecordDataset(bad)]
+  with tf.io.TFRecordWriter(bad) as w:
+    for r in good:
+      w.write(r)
+    for i in range(3):
+      w.write(example(data=b"not an image", image_id=10**6 + i).SerializeToString())
+  model_dir = tmp_path / "run"
+  cmd = [os.path.join(REPO, "train.py"), f"--data_pattern={tmp_path}/s/train-*",
+         f"--eval_pattern={tmp_path}/s/train-*", f"--model_dir={model_dir}", "--mode=rotnet",
+         "--image_size=32", "--width=0.125", "--fc_dim=32", "--batch_per_replica=8",
+         "--steps_per_loop=1", "--epochs=1", "--knn_monitor=false", "--collective_timeout=120"]
+  run_workers(lambda i: cmd)
+  log = [json.loads(l) for l in open(model_dir / "log.jsonl")]
+  assert log[-1]["skipped_records"] >= 3
+  chief = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
+  other = tf.train.latest_checkpoint(str(model_dir / "tmp" / "worker-1"))
+  assert chief.rsplit("-", 1)[1] == other.rsplit("-", 1)[1] == str(log[-1]["step"])
