@@ -11,8 +11,9 @@ import tensorflow as tf
 
 from dc_tf.data import schema
 
-OK, ZERO_BYTES, NOT_IMAGE, UNSUPPORTED, TRUNCATED, CORRUPT = range(6)
-STATUS_NAMES = ("ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "corrupt")
+OK, ZERO_BYTES, NOT_IMAGE, UNSUPPORTED, TRUNCATED, CORRUPT, MISSING_FIELD = range(7)
+STATUS_NAMES = ("ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "corrupt",
+                "missing_field")
 
 _PARSE_SPEC = dict(schema.FEATURE_SPEC)
 # Parse required fields with sentinels so that a missing one can be reported with the file.
@@ -23,8 +24,9 @@ for _key in (schema.HEIGHT, schema.WIDTH, schema.IMAGE_ID):
 
 
 def parse_record(record: tf.Tensor, filename: tf.Tensor) -> dict:
-  """Parses one serialized `tf.train.Example`; fails naming `filename` when a required
-  field is absent."""
+  """Parses one serialized `tf.train.Example` into named fields with a `status`; a missing
+  required field gives status MISSING_FIELD (`check_required` then fails, naming
+  `filename`)."""
   f = tf.io.parse_single_example(record, _PARSE_SPEC)
   present = tf.stack([
       tf.not_equal(f[schema.ENCODED], "\0missing"),
@@ -33,24 +35,34 @@ def parse_record(record: tf.Tensor, filename: tf.Tensor) -> dict:
       tf.not_equal(f[schema.WIDTH], -(2**62)),
       tf.not_equal(f[schema.IMAGE_ID], -(2**62)),
   ])
-  check = tf.debugging.Assert(
-      tf.reduce_all(present),
-      ["record missing a required field (", list(schema.REQUIRED), ") in shard", filename,
-       "present:", present], summarize=8)
-  with tf.control_dependencies([check]):
-    out = {
-        "encoded": tf.identity(f[schema.ENCODED]),
-        "format": f[schema.FORMAT],
-        "image_id": f[schema.IMAGE_ID],
-        "label": f[schema.LABEL],
-        "user_id": f[schema.USER_ID],
-        "tags": f[schema.TAGS],
-        "device": f[schema.DEVICE],
-        "lat": f[schema.LAT],
-        "lon": f[schema.LON],
-    }
-  out["status"] = byte_status(out["encoded"], out["format"])
+  out = {
+      "encoded": f[schema.ENCODED],
+      "format": f[schema.FORMAT],
+      "image_id": f[schema.IMAGE_ID],
+      "label": f[schema.LABEL],
+      "user_id": f[schema.USER_ID],
+      "tags": f[schema.TAGS],
+      "device": f[schema.DEVICE],
+      "lat": f[schema.LAT],
+      "lon": f[schema.LON],
+      "filename": filename,
+  }
+  out["status"] = tf.where(tf.reduce_all(present), byte_status(out["encoded"], out["format"]),
+                           MISSING_FIELD)
   return out
+
+
+def check_required(example: dict) -> dict:
+  """Fails, naming the shard file, on a record that lacks a required field. Applied after
+  `ignore_errors` (which would otherwise swallow it)."""
+  check = tf.debugging.Assert(
+      tf.not_equal(example["status"], MISSING_FIELD),
+      ["record missing a required field (", list(schema.REQUIRED), ") in shard",
+       example["filename"]], summarize=8)
+  with tf.control_dependencies([check]):
+    example = dict(example)
+    example["status"] = tf.identity(example["status"])
+  return example
 
 
 def byte_status(encoded: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
@@ -64,8 +76,12 @@ def byte_status(encoded: tf.Tensor, fmt: tf.Tensor) -> tf.Tensor:
   is_bmp = starts_with(b"BM")
   is_image = is_jpeg | is_png | is_gif | is_bmp
   supported = tf.reduce_any(tf.equal(fmt, list(schema.SUPPORTED_FORMATS)))
-  tail = tf.strings.substr(encoded, tf.maximum(length - 2, 0), 2)
-  truncated = is_jpeg & tf.not_equal(tail, tf.constant(b"\xff\xd9"))
+  def ends_with(trailer: bytes):
+    start = tf.maximum(length - len(trailer), 0)
+    return tf.equal(tf.strings.substr(encoded, start, len(trailer)), tf.constant(trailer))
+  # Cut-off files lose their trailer: JPEG's EOI marker, PNG's IEND chunk, GIF's ';'.
+  truncated = ((is_jpeg & ~ends_with(b"\xff\xd9")) | (is_png & ~ends_with(b"IEND\xaeB`\x82"))
+               | (is_gif & ~ends_with(b";")))
   return tf.case([
       (tf.equal(length, 0), lambda: tf.constant(ZERO_BYTES)),
       (tf.logical_not(is_image), lambda: tf.constant(NOT_IMAGE)),
@@ -81,24 +97,15 @@ def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def safe_decode_dataset(example: dict) -> tf.data.Dataset:
-  """A one-element dataset: the example with `image` decoded, or on any decode error the
-  example with a 1x1 placeholder and status CORRUPT. Used inside `interleave`, so that
-  `ignore_errors` covers this one decode only, never upstream errors."""
-  def decode(ex):
-    ex = dict(ex)
-    ex["image"] = decode_rgb(ex["encoded"])
-    return ex
-
-  def placeholder(ex):
-    ex = dict(ex)
-    ex["image"] = tf.zeros([1, 1, 3], tf.uint8)
-    ex["status"] = tf.where(tf.equal(ex["status"], OK), CORRUPT, ex["status"])
-    return ex
-
-  one = tf.data.Dataset.from_tensors(example)
-  decoded = one.filter(lambda ex: tf.equal(ex["status"], OK)).map(decode).ignore_errors()
-  return decoded.concatenate(one.map(placeholder)).take(1)
+def decode_example(example: dict) -> dict:
+  """Adds `image`: decoded when the bytes passed the checks, else a 1x1 placeholder (the
+  record is dropped and counted later). Bytes that pass the checks but still fail to decode
+  raise here and are dropped by the reader's `ignore_errors` (logged by tf.data)."""
+  example = dict(example)
+  example["image"] = tf.cond(tf.equal(example["status"], OK),
+                             lambda: decode_rgb(example["encoded"]),
+                             lambda: tf.zeros([1, 1, 3], tf.uint8))
+  return example
 
 
 def count_and_drop_bad(ds: tf.data.Dataset) -> tf.data.Dataset:
