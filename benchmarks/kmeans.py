@@ -64,9 +64,9 @@ def run_ours(x, c0):
     t, res = common.timed(lambda: model.fit([x], c0.shape[0], iters=ITERS, centroids=c0))
   # Assignment step alone (the matmul + argmin), for GFLOP/s.
   xt, ct = tf.constant(x), tf.constant(c0)
-  f = tf.function(lambda: km.assign_chunked(xt, ct, 8192))
+  f = tf.function(lambda: km.assign_chunked(xt, ct, 8192)[0])
   f()
-  ta, _ = common.timed(lambda: f()[0].numpy(), repeat=3)
+  ta, _ = common.timed(lambda: f().numpy(), repeat=3)
   return {"seconds_per_iter": t / (ITERS + 1), "inertia": inertia(x, res.centroids),
           "assign_seconds": ta, "peak_extra_bytes": mem.peak - mem.start}
 

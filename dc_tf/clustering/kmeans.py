@@ -35,38 +35,60 @@ class KMeansResult:
 
 
 def assign_chunked(x: tf.Tensor, centroids: tf.Tensor, chunk_size: int):
-  """(assignments int32 [n], min squared distance [n]) computed chunk by chunk."""
+  """(assignments int32 [n], min squared distance [n], counts f64 [k], sums f64 [k, d]),
+  computed chunk by chunk: temporaries are chunk-sized, never N x k or a copy of x."""
+  k = tf.shape(centroids)[0]
   c_sq = tf.reduce_sum(tf.square(centroids), axis=1)
   n = tf.shape(x)[0]
   num_chunks = (n + chunk_size - 1) // chunk_size
   assign_ta = tf.TensorArray(tf.int32, size=num_chunks, infer_shape=False)
   dist_ta = tf.TensorArray(x.dtype, size=num_chunks, infer_shape=False)
+  counts = tf.zeros([k], tf.float64)
+  sums = tf.zeros(tf.stack([k, tf.shape(x)[1]]), tf.float64)
 
-  def body(i, assign_ta, dist_ta):
+  def body(i, assign_ta, dist_ta, counts, sums):
     chunk = x[i * chunk_size:(i + 1) * chunk_size]
     scores = c_sq[None, :] - 2.0 * tf.matmul(chunk, centroids, transpose_b=True)
     a = tf.argmin(scores, axis=1, output_type=tf.int32)
     best = tf.gather(scores, a, batch_dims=1) + tf.reduce_sum(tf.square(chunk), axis=1)
-    return i + 1, assign_ta.write(i, a), dist_ta.write(i, tf.maximum(best, 0.0))
+    counts += tf.cast(tf.math.bincount(a, minlength=k, maxlength=k), tf.float64)
+    sums += tf.cast(tf.math.unsorted_segment_sum(chunk, a, k), tf.float64)
+    return i + 1, assign_ta.write(i, a), dist_ta.write(i, tf.maximum(best, 0.0)), counts, sums
 
-  _, assign_ta, dist_ta = tf.while_loop(lambda i, *_: i < num_chunks, body,
-                                        [0, assign_ta, dist_ta])
+  _, assign_ta, dist_ta, counts, sums = tf.while_loop(
+      lambda i, *_: i < num_chunks, body, [0, assign_ta, dist_ta, counts, sums])
   if_empty = lambda dt: tf.zeros([0], dt)  # noqa: E731
   assignments = tf.cond(num_chunks > 0, lambda: assign_ta.concat(), lambda: if_empty(tf.int32))
   dists = tf.cond(num_chunks > 0, lambda: dist_ta.concat(), lambda: if_empty(x.dtype))
-  return assignments, dists
+  return assignments, dists, counts, sums
 
 
 def _replica_step(x, centroids, chunk_size):
   """Per replica: assign its rows, then all-reduce counts, sums and inertia."""
-  k = tf.shape(centroids)[0]
-  a, d = assign_chunked(x, centroids, chunk_size)
-  counts = tf.math.unsorted_segment_sum(tf.ones_like(a, tf.float64), a, k)
-  sums = tf.math.unsorted_segment_sum(tf.cast(x, tf.float64), a, k)
+  a, d, counts, sums = assign_chunked(x, centroids, chunk_size)
   inertia = tf.reduce_sum(tf.cast(d, tf.float64))
   ctx = tf.distribute.get_replica_context()
   counts, sums, inertia = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [counts, sums, inertia])
   return counts, sums, inertia, a
+
+
+def _chunked_stats(x, chunk_size):
+  """(rows, non-finite rows, sum, sum of squares) in float64, chunk by chunk."""
+  d = tf.shape(x)[1]
+  n = tf.shape(x)[0]
+
+  def body(i, bad, s, sq):
+    chunk = x[i:i + chunk_size]
+    finite = tf.reduce_all(tf.math.is_finite(chunk), axis=1)
+    clean = tf.where(finite[:, None], chunk, 0.0)
+    return (i + chunk_size, bad + tf.reduce_sum(tf.cast(~finite, tf.float64)),
+            s + tf.cast(tf.reduce_sum(clean, 0), tf.float64),
+            sq + tf.cast(tf.reduce_sum(tf.square(clean), 0), tf.float64))
+
+  _, bad, s, sq = tf.while_loop(lambda i, *_: i < n, body,
+                                [0, tf.constant(0.0, tf.float64), tf.zeros([d], tf.float64),
+                                 tf.zeros([d], tf.float64)])
+  return [tf.cast(n, tf.float64), bad, s, sq]
 
 
 class DistributedKMeans:
@@ -89,13 +111,8 @@ class DistributedKMeans:
     @tf.function(reduce_retracing=True)
     def reduce_stats(dist_x):
       def fn(x):
-        x64 = tf.cast(x, tf.float64)
-        finite = tf.reduce_all(tf.math.is_finite(x), axis=1)
-        stats = [tf.cast(tf.shape(x)[0], tf.float64),
-                 tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.float64)),
-                 tf.reduce_sum(tf.where(finite[:, None], x64, 0.0), axis=0),
-                 tf.reduce_sum(tf.where(finite[:, None], tf.square(x64), 0.0), axis=0)]
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, stats)
+        return tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, _chunked_stats(x, chunk_size))
       return strategy.run(fn, args=(dist_x,))
     self._stats = reduce_stats
 
@@ -124,17 +141,19 @@ class DistributedKMeans:
 
   # --- helpers -------------------------------------------------------------------------
   def _distribute(self, local_x: list[np.ndarray]):
-    return dist.distribute_local(self.strategy, [np.asarray(x, np.float32) for x in local_x])
+    # float32 arrays are wrapped without a copy where numpy allows it.
+    return dist.distribute_local(self.strategy, [np.ascontiguousarray(x, np.float32)
+                                                 for x in local_x])
 
   def replica_sizes(self, local_x: list[np.ndarray]) -> np.ndarray:
     """Rows held by every replica, in replica order (identical on all workers)."""
     dist_n = dist.distribute_local(self.strategy, [np.int64(len(x)) for x in local_x])
     return dist.first_local(self.strategy, self._sizes(dist_n)).numpy().astype(np.int64)
 
-  def check_features(self, local_x: list[np.ndarray]) -> tuple[int, float]:
+  def check_features(self, local_x, dist_x=None) -> tuple[int, float]:
     """(total rows, total variance); raises ClusteringError on NaN/Inf."""
-    n, bad, s, sq = (v.numpy() for v in dist.first_local(
-        self.strategy, self._stats(self._distribute(local_x))))
+    dist_x = self._distribute(local_x) if dist_x is None else dist_x
+    n, bad, s, sq = (v.numpy() for v in dist.first_local(self.strategy, self._stats(dist_x)))
     if bad:
       raise ClusteringError(f"features contain {int(bad)} rows with NaN/Inf values "
                             "(diverged training? check the loss and the learning rate)")
@@ -167,7 +186,8 @@ class DistributedKMeans:
           init: str = "random", centroids: np.ndarray | None = None,
           log_prefix: str = "kmeans") -> KMeansResult:
     """Lloyd's k-means; `centroids` overrides the initialisation (tests, benchmarks)."""
-    n, variance = self.check_features(local_x)
+    dist_x = self._distribute(local_x)
+    n, variance = self.check_features(local_x, dist_x)
     if k > n:
       raise ClusteringError(f"{log_prefix}: k={k} clusters but only {n} points")
     if n > 1 and variance <= 1e-12:
@@ -176,7 +196,6 @@ class DistributedKMeans:
     if centroids is None:
       centroids = self.init_centroids(local_x, k, seed, init)
     centroids = np.asarray(centroids, np.float64)
-    dist_x = self._distribute(local_x)
     resplit = 0
     for it in range(iters):
       counts, sums, inertia, _ = self._run(dist_x, centroids)
