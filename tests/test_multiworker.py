@@ -68,7 +68,8 @@ def test_two_worker_training_ends_with_identical_weights(tiny_shards, tmp_path):
          f"--eval_pattern={tiny_shards}", f"--model_dir={model_dir}", "--image_size=32",
          "--width=0.125", "--fc_dim=32", "--m=2", "--k=3", "--reassign_every=1", "--pca_dim=8",
          "--kmeans_iters=3", "--batch_per_replica=8", "--lr=0.02", "--steps_per_loop=2",
-         "--epochs=2", "--epoch_size=24", "--knn_monitor=false", "--collective_timeout=120"]
+         "--epochs=2", "--epoch_size=24", "--knn_monitor=false", "--collective_timeout=120",
+         "--rotnet_warmup_epochs=0"]
   run_workers(lambda i: cmd)
   log = [json.loads(l) for l in open(model_dir / "log.jsonl")]
   assert [r["event"] for r in log] == ["reassign", "epoch", "reassign", "epoch"]
