@@ -13,7 +13,6 @@ the feature matrix. Writes benchmarks/results/kmeans.json.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 

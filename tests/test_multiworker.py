@@ -86,7 +86,7 @@ def test_two_worker_training_ends_with_identical_weights(tiny_shards, tmp_path):
 def test_bad_records_on_one_worker_keep_workers_in_step(tmp_path, example):
   """4 shards: worker 0 reads shards 0 and 2; shard 0 holds corrupt records. Both workers
   must run the same steps (else the collectives would hang) and the skips are counted."""
-  from conftest import write_image_folder, write_records
+  from conftest import write_image_folder
   from dc_tf.data import make_shards
   items = make_shards.collect_items("folder", write_image_folder(str(tmp_path / "img"), 3, 8))
   make_shards.write_shards(items, str(tmp_path / "s"), "train", 4, progress=False)

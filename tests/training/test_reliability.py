@@ -1,6 +1,5 @@
 """Faults: SIGTERM, changed global batch, collapse alarms, export scans."""
 
-import json
 import os
 import signal
 import subprocess
