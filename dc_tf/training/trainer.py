@@ -247,6 +247,12 @@ class Trainer:
   def fit(self, max_seconds: float = 0.0) -> list[dict]:
     cfg, t = self.config, self.config.train
     self.restore()
+    # The training pipeline repeats until it fills its steps: over a pool with no decodable
+    # image it would search forever. Clustering modes find out while extracting; otherwise
+    # look for one image now (raises DataError naming the pattern).
+    if not cfg.uses_clustering or t.rotnet_warmup_epochs:
+      extract.extract(self.trunk, cfg.data.data_pattern, image_size=cfg.model.image_size,
+                      batch_size=16, max_images=1, progress=False)
     warmup = t.rotnet_warmup_epochs if cfg.train.mode == "deepercluster" else 0
     if cfg.uses_clustering and not warmup and int(self.assignment_epoch.numpy()) < 0:
       self._log(self.reassign(0))

@@ -91,3 +91,13 @@ def test_serving_export_has_no_file_io_and_reloads_in_a_fresh_process(tmp_path):
       return tf.io.read_file(path)
   tf.saved_model.save(Reader(), str(tmp_path / "bad"))
   assert export.scan_ops(str(tmp_path / "bad")).get("ReadFile", 0) >= 1
+
+
+def test_pool_without_a_decodable_image_fails_instead_of_hanging(tmp_path, example):
+  from conftest import write_records
+  from dc_tf.data import reader
+  path = write_records(str(tmp_path / "bad-00000-of-00001.tfrecord"),
+                       [example(data=b"", image_id=1), example(data=b"text", image_id=2)])
+  cfg = tiny_config(path, tmp_path / "bad", mode="rotnet", epochs=1, knn_monitor=False)
+  with pytest.raises(reader.DataError, match="no decodable image"):
+    trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
