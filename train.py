@@ -43,7 +43,8 @@ def main(argv):
   except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
           tf.errors.CancelledError) as e:
     raise SystemExit(
-        f"a collective failed: a peer worker is stopped, dead or unreachable "
+        f"worker {distribute.worker_index(strategy)} of {distribute.num_workers_in_tf_config()}: "
+        f"a collective failed: a peer worker is stopped, dead, crashed or unreachable "
         f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Restart every worker with the "
         "same command: training resumes from the last checkpoint in --model_dir.") from e
   if run.preempted:

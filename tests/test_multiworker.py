@@ -2,50 +2,15 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import REPO
+from workers import run_workers
 
 pytestmark = pytest.mark.slow
-
-
-def free_ports(n):
-  socks = [socket.socket() for _ in range(n)]
-  for s in socks:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in socks]
-  for s in socks:
-    s.close()
-  return ports
-
-
-def run_workers(args, timeout=420):
-  ports = free_ports(2)
-  workers = [f"127.0.0.1:{p}" for p in ports]
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
-    procs.append(subprocess.Popen([sys.executable, *args(i)], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  outs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outs.append(out)
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  return outs
 
 
 def test_two_worker_kmeans_equals_one_process(tmp_path):

@@ -50,6 +50,9 @@ class Trainer:
     self.is_chief = dist.is_chief(strategy)
     if t.mixed_precision:
       keras.mixed_precision.set_global_policy("mixed_float16")
+    # --seed fixes the initial weights and dropout too (Python, NumPy, TF and Keras seeds),
+    # so two runs of one command train alike; a resumed run restores them from its checkpoint.
+    keras.utils.set_random_seed(t.seed)
     with strategy.scope():
       self.trunk = vgg.trunk_from_config(mc)
       self.heads = heads_lib.HierarchicalHeads(config.num_super_classes, config.num_sub_classes,
@@ -127,7 +130,7 @@ class Trainer:
     strategy = self.strategy
 
     @tf.function
-    def agree(flag):
+    def agree(flag):  # also sums small float64 vectors (see _check_workers_agree)
       def fn(f):
         f = tf.identity(f)  # placed on the replica's device: MWMS needs a destination
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, f)
@@ -147,6 +150,7 @@ class Trainer:
   def reassign(self, epoch: int) -> dict:
     """Extracts fc7 of every image, whitens, clusters hierarchically, re-inits heads."""
     cfg, t0 = self.config, time.time()
+    logging.info("reassignment at epoch %d: extracting features, then k-means", epoch)
     ctx = tf.distribute.InputContext(
         num_input_pipelines=max(1, self.strategy.num_replicas_in_sync
                                 // dist.num_local_replicas(self.strategy)),
@@ -211,8 +215,16 @@ class Trainer:
       return len(self.table_ids.numpy())
     return len(reader.read_image_ids(self.config.data.data_pattern))
 
+  def _latest_checkpoint(self) -> str | None:
+    """The checkpoint to resume from. Every worker prefers the chief's (MODEL_DIR/ckpt, when
+    it can read it: a shared or copied folder): after a crash the chief's is the one that is
+    known to be complete. A worker that cannot read it falls back to its own copy."""
+    chief_dir = os.path.join(self.config.train.model_dir, "ckpt")
+    return (tf.train.latest_checkpoint(chief_dir) if tf.io.gfile.isdir(chief_dir) else None) \
+        or self.manager.latest_checkpoint
+
   def restore(self) -> bool:
-    latest = self.manager.latest_checkpoint
+    latest = self._latest_checkpoint()
     if latest:
       saved = tf.train.load_checkpoint(latest)
       key = "global_batch/.ATTRIBUTES/VARIABLE_VALUE"
@@ -228,11 +240,33 @@ class Trainer:
       if len(self.table_ids.numpy()):
         self.previous_labels = (self.table_super.numpy().astype(np.int64) * self.config.clustering.k
                                 + self.table_sub.numpy())
-      return True
-    if self.config.train.init_checkpoint:
+    elif self.config.train.init_checkpoint:
       step = checkpointing.restore_trunk(self.trunk, self.config.train.init_checkpoint)
       logging.info("trunk initialised from %s (step %d)", self.config.train.init_checkpoint, step)
-    return False
+    self._check_workers_agree()
+    return bool(latest)
+
+  def _check_workers_agree(self) -> None:
+    """Workers that resumed from different checkpoints (one found none, or an older one)
+    would train on misaligned state: compare (step, assignment epoch, table size) over all
+    workers with one all-reduce of their sums and sums of squares, equal only if all agree."""
+    if self.strategy.num_replicas_in_sync == 1 or dist.num_workers_in_tf_config() < 2:
+      return
+    mine = np.array([int(self.step.numpy()), int(self.assignment_epoch.numpy()),
+                     len(self.table_ids.numpy())], np.float64)
+    n_local = dist.num_local_replicas(self.strategy)
+    local = [np.concatenate([mine, mine ** 2])] * n_local
+    total = dist.first_local(self.strategy, self._agree(dist.distribute_local(self.strategy, local)))
+    total = total.numpy()
+    n = self.strategy.num_replicas_in_sync
+    if not np.allclose(n * total[3:], total[:3] ** 2, rtol=0, atol=0.5):
+      mean = total[:3] / n
+      raise RuntimeError(
+          f"workers resumed from different checkpoints: worker {dist.worker_index(self.strategy)} "
+          f"has step {int(mine[0])}, assignment epoch {int(mine[1])}, {int(mine[2])} table rows; "
+          f"the mean over workers is step {mean[0]:.1f}. Make the chief's "
+          f"{os.path.join(self.config.train.model_dir, 'ckpt')} readable by every worker "
+          "(shared or copied) and restart all workers with the same command.")
 
   def _log(self, record: dict) -> None:
     self.history.append(record)

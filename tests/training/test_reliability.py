@@ -101,3 +101,72 @@ def test_pool_without_a_decodable_image_fails_instead_of_hanging(tmp_path, examp
   cfg = tiny_config(path, tmp_path / "bad", mode="rotnet", epochs=1, knn_monitor=False)
   with pytest.raises(reader.DataError, match="no decodable image"):
     trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
+
+
+def _text(path):
+  return open(path).read() if os.path.exists(path) else ""
+
+
+def _table(model_dir):
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt")))
+  return [reader.get_tensor(f"{n}/.ATTRIBUTES/VARIABLE_VALUE")
+          for n in ("table_ids", "table_super", "table_sub")]
+
+
+@pytest.mark.slow
+def test_kill_9_during_reassignment_then_resume_gives_the_clean_assignments(tiny_shards, tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  # T=2: reassignments at epochs 0 and 2; many Lloyd iterations keep the k-means busy long
+  # enough to be killed inside it.
+  extra = ("--epochs=3", "--kmeans_iters=200")
+  clean = str(tmp_path / "clean")
+  subprocess.run(_train_cmd(tiny_shards, clean, *extra), env=env, check=True,
+                 capture_output=True, timeout=400)
+  model_dir, err = str(tmp_path / "killed"), str(tmp_path / "killed.err")
+  with open(err, "w") as f:
+    proc = subprocess.Popen(_train_cmd(tiny_shards, model_dir, *extra), env=env,
+                            stdout=subprocess.DEVNULL, stderr=f)
+    deadline = time.time() + 300
+    while time.time() < deadline and "reassignment at epoch 2" not in _text(err):
+      time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+  assert "reassignment at epoch 2" in _text(err)
+  log = read_log(model_dir)
+  assert ("reassign", 2) not in [(r["event"], r["epoch"]) for r in log]   # killed inside it
+  latest = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
+  reader = tf.train.load_checkpoint(latest)                               # valid, loads
+  assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 24
+  subprocess.run(_train_cmd(tiny_shards, model_dir, *extra), env=env, check=True,
+                 capture_output=True, timeout=400)
+  assert read_log(model_dir)[-1]["step"] == read_log(clean)[-1]["step"] == 36
+  for got, want in zip(_table(model_dir), _table(clean)):
+    np.testing.assert_array_equal(got, want)                            # same assignments
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_save_leaves_a_valid_checkpoint(tiny_shards, tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  model_dir = str(tmp_path / "save")
+  ckpt_dir = os.path.join(model_dir, "ckpt")
+  # fc 4096: ~17M parameters plus momentum, so that a save takes long enough to be hit.
+  cmd = _train_cmd(tiny_shards, model_dir, "--mode=rotnet", "--epochs=1", "--fc_dim=4096",
+                   "--checkpoint_every=3")
+
+  def saving_after_a_first_checkpoint():
+    names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    return any("_temp" in n for n in names) and tf.train.latest_checkpoint(ckpt_dir) is not None
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not saving_after_a_first_checkpoint():
+    time.sleep(0.005)
+  proc.kill()
+  proc.wait()
+  assert any("_temp" in n for n in os.listdir(ckpt_dir))                  # killed mid-save
+  latest = tf.train.latest_checkpoint(ckpt_dir)
+  reader = tf.train.load_checkpoint(latest)
+  for name, _ in tf.train.list_variables(latest):                         # every tensor reads
+    reader.get_tensor(name)
+  subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=400)
+  assert _iterations(model_dir) == 12 and read_log(model_dir)[-1]["step"] == 12
