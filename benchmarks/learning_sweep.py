@@ -4,7 +4,7 @@ changed, for a fixed wall-clock budget, then scores the trunk against its random
 images, labels used for scoring only). Rows are merged into
 benchmarks/results/learning_sweep.json by name, so a sweep can be split across sessions.
 
-  python benchmarks/learning_sweep.py --points=baseline,rotnet --budget_minutes=3
+  python benchmarks/learning_sweep.py --points=base,size48,T2 --budget_minutes=4.5
   python benchmarks/learning_sweep.py --list
 """
 
@@ -19,23 +19,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "learning_sweep.json")
 LAYERS = "conv4,conv7,conv10,conv13,fc7"
 
-# name -> flag overrides of flags/demo.cfg (one lever at a time where possible).
+# name -> flag overrides of flags/demo.cfg. The screening rows (no "base" flags) changed the
+# first preset; the lever rows start from the demo preset compressed to the budget (BASE: one
+# rotation-only epoch, then clustering every epoch) and change one lever each.
+BASE = ["--epochs=3", "--rotnet_warmup_epochs=1", "--reassign_every=1"]
 POINTS = {
-    "baseline": [],
     "rotnet": ["--mode=rotnet"],
     "crop0.3_nodrop_lr0.1": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1"],
     "rotnet_crop0.3_nodrop_lr0.1": ["--mode=rotnet", "--crop_scale_min=0.3", "--dropout=0", "--lr=0.1"],
-    "crop0.3_nodrop_lr0.1_rgb": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--sobel=false"],
-    "crop0.3_nodrop_lr0.1_m1k80": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--m=1", "--k=80"],
-    "crop0.3_nodrop_lr0.1_T1": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--reassign_every=1"],
-    "crop0.3_nodrop_lr0.1_noreinit": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--reinit_heads=false"],
-    "crop0.3_nodrop_lr0.1_nouniform": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--uniform_sampler=false"],
-    "crop0.3_nodrop_lr0.1_1rot": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--all_rotations=false"],
-    "crop0.3_nodrop_lr0.1_w0.5": ["--crop_scale_min=0.3", "--dropout=0", "--lr=0.1", "--width=0.5"],
-    "rotwarm1": ["--rotnet_warmup_epochs=1"],
-    "rotwarm_half": ["--rotnet_warmup_epochs=3"],
-    "deepcluster_crop0.3_nodrop_lr0.1": ["--mode=deepcluster", "--k=80", "--crop_scale_min=0.3", "--dropout=0", "--lr=0.1"],
+    "base": BASE,
+    "base_rotnet": BASE + ["--mode=rotnet"],
+    "size48": BASE + ["--image_size=48"],
+    "size64": BASE + ["--image_size=64"],
+    "width0.5": BASE + ["--width=0.5"],
+    "batch128": BASE + ["--batch_per_replica=128"],
+    "lr0.05_constant": BASE + ["--lr=0.05", "--schedule=constant", "--warmup_epochs=0"],
+    "m1k80": BASE + ["--m=1", "--k=80"],
+    "m2k10": BASE + ["--k=10"],
+    "T2": BASE + ["--reassign_every=2"],
+    "rgb": BASE + ["--sobel=false"],
+    "no_reinit": BASE + ["--reinit_heads=false"],
+    "no_uniform_sampler": BASE + ["--uniform_sampler=false"],
+    "pool50k": BASE + ["--data_pattern=shards/tiny/pool-*.tfrecord", "--epoch_size=5000"],
 }
+ARCH_FLAGS = ("--image_size", "--width", "--sobel", "--fc_dim")
 
 
 def run(cmd, log):
@@ -52,16 +59,31 @@ def sweep_point(name, extra, budget_min, epochs, seed, out_root):
        f"--epochs={epochs}", f"--seed={seed}", *extra], model_dir + ".train.log")
   train_s = time.time() - t0
   run([sys.executable, "evaluate.py", f"--checkpoint={model_dir}", f"--layers={LAYERS}",
-       "--probe_epochs=30", f"--seed={seed}", f"--output_dir={model_dir}/eval"],
+       "--probe_epochs=30", f"--seed={seed}", f"--output_dir={model_dir}/eval", "--baseline=none"],
       model_dir + ".eval.log")
-  report = json.load(open(os.path.join(model_dir, "eval", "report.json")))
+  # The random-init twin depends only on the architecture and the seed: scored once each.
+  arch = [f for f in extra if f.split("=")[0] in ARCH_FLAGS]
+  twin_dir = os.path.join(out_root, "twins", "_".join(a.lstrip("-") for a in arch) or "demo",
+                          f"s{seed}")
+  if not os.path.exists(os.path.join(twin_dir, "report.json")):
+    run([sys.executable, "evaluate.py", f"--checkpoint={model_dir}", f"--layers={LAYERS}",
+         "--probe_epochs=30", f"--seed={seed}", f"--output_dir={twin_dir}", "--baseline=random"],
+        twin_dir + ".log")
+  trained = json.load(open(os.path.join(model_dir, "eval", "report.json")))["results"]["trained"]
+  twin = json.load(open(os.path.join(twin_dir, "report.json")))["results"]["random"]
+  margin = {l: trained["probe"][l]["top1"] - twin["probe"][l]["top1"] for l in trained["probe"]}
+  best = max(margin, key=margin.get)
+  report = {"margin_top1": margin, "best_layer": {"layer": best, "margin_top1": margin[best]},
+            "margin_knn": {l: trained["knn"][l] - twin["knn"][l] for l in trained["knn"]},
+            "results": {"trained": trained, "random": twin}}
   log = [json.loads(l) for l in open(os.path.join(model_dir, "log.jsonl"))]
   epochs_done = [r for r in log if r["event"] == "epoch"]
   reassigns = [r for r in log if r["event"] == "reassign"]
   last = epochs_done[-1] if epochs_done else {}
   return {
       "name": name, "flags": extra, "seed": seed, "budget_minutes": budget_min,
-      "epochs_scheduled": epochs, "train_wall_seconds": round(train_s, 1),
+      "epochs_scheduled": int([f for f in [f"--epochs={epochs}", *extra]
+                               if f.startswith("--epochs=")][-1].split("=")[1]), "train_wall_seconds": round(train_s, 1),
       "examples_seen": last.get("examples_seen", 0),
       "super_accuracy": last.get("super_accuracy"), "sub_accuracy": last.get("sub_accuracy"),
       "nmi_previous": reassigns[-1].get("nmi_previous") if reassigns else None,
@@ -76,7 +98,7 @@ def sweep_point(name, extra, budget_min, epochs, seed, out_root):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--points", default="baseline")
+  p.add_argument("--points", default="base")
   p.add_argument("--budget_minutes", type=float, default=3.0)
   p.add_argument("--epochs", type=int, default=0, help="schedule length; 0 = from the budget")
   p.add_argument("--seeds", default="0")
