@@ -96,6 +96,28 @@ def sweep_point(name, extra, budget_min, epochs, seed, out_root):
   }
 
 
+def table(rows) -> str:
+  """The markdown table of benchmarks/README.md, from the JSON rows."""
+  def pct(v):
+    return "—" if v is None else f"{100 * v:.1f}%"
+  lines = ["| point | flags changed | budget | train wall | examples seen | rotation / super acc. "
+           "| cluster (sub) acc. | NMI t-1/t | best layer: margin | kNN margin (conv13) "
+           "| margins conv4 / conv7 / conv10 / conv13 / fc7 |", "|" + "---|" * 11]
+  for r in rows:
+    m = r["margin_top1"]
+    flags = " ".join(f for f in r["flags"] if f not in BASE) if r["flags"][:3] == BASE \
+        else "(screening) " + " ".join(r["flags"])
+    nmi = "—" if r.get("nmi_previous") is None else f"{r['nmi_previous']:.2f}"
+    lines.append(
+        f"| {r['name']} | {flags or '(the compressed demo preset)'} | {r['budget_minutes']:g} min "
+        f"| {r['train_wall_seconds'] / 60:.1f} min | {r['examples_seen'] / 1000:.1f}k "
+        f"| {pct(r['super_accuracy'])} | {pct(r['sub_accuracy']) if r.get('sub_accuracy') else '—'} "
+        f"| {nmi} | {r['best_layer']['layer']}: {r['best_layer']['margin_top1']:+.1f} "
+        f"| {r['margin_knn'].get('conv13', float('nan')):+.1f} "
+        f"| {' / '.join(f'{m[l]:+.1f}' for l in ('conv4', 'conv7', 'conv10', 'conv13', 'fc7'))} |")
+  return "\n".join(lines)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--points", default="base")
@@ -104,7 +126,11 @@ def main():
   p.add_argument("--seeds", default="0")
   p.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"))
   p.add_argument("--list", action="store_true")
+  p.add_argument("--table", action="store_true", help="print the markdown table of the results")
   args = p.parse_args()
+  if args.table:
+    print(table(json.load(open(RESULTS))))
+    return
   if args.list:
     print("\n".join(f"{k}: {' '.join(v)}" for k, v in POINTS.items()))
     return
