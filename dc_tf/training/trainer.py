@@ -89,6 +89,7 @@ class Trainer:
     self.preempted = False      # set by a SIGTERM handler (train.py); all workers agree on it
     self.previous_labels: np.ndarray | None = None
     self._deadline = float("inf")
+    self.out_of_time = False
     self.history: list[dict] = []
 
   # --- one step ------------------------------------------------------------------------
@@ -138,13 +139,17 @@ class Trainer:
     return agree
 
   def should_stop(self) -> bool:
-    if self.strategy.num_replicas_in_sync == 1:
-      return self.preempted
-    flag = np.float32(1.0 if self.preempted else 0.0)
-    n_local = dist.num_local_replicas(self.strategy)
-    out = self._agree(dist.distribute_local(self.strategy, [flag] * n_local))
-    self.preempted = bool(dist.first_local(self.strategy, out).numpy() > 0)
-    return self.preempted
+    """True when any worker was preempted (SIGTERM) or reached its --max_minutes deadline.
+    Every worker asks at the same points (the head of each epoch and of each loop of steps)
+    and gets the same answer from one all-reduce, so all stop, and save, at the same step; a
+    worker deciding alone would leave the others waiting in a collective."""
+    local = np.array([self.preempted, time.time() >= self._deadline], np.float32)
+    if self.strategy.num_replicas_in_sync > 1:
+      n_local = dist.num_local_replicas(self.strategy)
+      out = self._agree(dist.distribute_local(self.strategy, [local] * n_local))
+      local = dist.first_local(self.strategy, out).numpy()
+    self.preempted, self.out_of_time = bool(local[0] > 0), bool(local[1] > 0)
+    return self.preempted or self.out_of_time
 
   # --- reassignment --------------------------------------------------------------------
   def reassign(self, epoch: int) -> dict:
@@ -302,8 +307,7 @@ class Trainer:
                                 t.schedule)
     start = time.time()
     self._deadline = start + max_seconds if max_seconds else float("inf")
-    while (int(self.step.numpy()) < total_steps and time.time() < self._deadline
-           and not self.preempted):
+    while int(self.step.numpy()) < total_steps and not self.should_stop():
       step = int(self.step.numpy())
       epoch, done = divmod(step, steps_per_epoch)
       # Reassign every T epochs, counted from the end of the rotation warm-up.
@@ -317,8 +321,9 @@ class Trainer:
       self._log(record)
       self._save()
     if int(self.step.numpy()) < total_steps:
-      logging.info("stopped at step %d after %.0f s (--max_minutes); the same command resumes",
-                   int(self.step.numpy()), time.time() - start)
+      logging.info("stopped at step %d after %.0f s (%s); the same command resumes",
+                   int(self.step.numpy()), time.time() - start,
+                   "preempted" if self.preempted else "--max_minutes")
     return self.history
 
   def _plan(self, epoch: int, epoch_images: int) -> reader.EpochPlan | None:
@@ -351,10 +356,10 @@ class Trainer:
     bar = tqdm(total=steps_per_epoch, initial=done, unit="step", desc=f"epoch {epoch}",
                disable=not self.is_chief, leave=False)
     last_save = int(self.step.numpy())
-    while remaining > 0 and time.time() < self._deadline:
+    while remaining > 0:
       if self.should_stop():
-        logging.warning("preempted (SIGTERM): saving a checkpoint at step %d and exiting",
-                        int(self.step.numpy()))
+        logging.warning("%s: saving a checkpoint at step %d", "preempted (SIGTERM) on a worker"
+                        if self.preempted else "--max_minutes reached", int(self.step.numpy()))
         break
       n = min(t.steps_per_loop, remaining)
       self.optimizer.learning_rate.assign(float(lrs[min(int(self.step.numpy()), len(lrs) - 1)]))
