@@ -52,6 +52,19 @@ def run(cmd, log):
                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
+def log_stats(model_dir) -> dict:
+  """Training statistics from the run's log: the last epoch that ran steps (a run stopped by
+  the budget right after a reassignment logs an empty epoch), and the reassignments."""
+  log = [json.loads(l) for l in open(os.path.join(model_dir, "log.jsonl"))]
+  epochs_done = [r for r in log if r["event"] == "epoch" and r["loss"] > 0]
+  reassigns = [r for r in log if r["event"] == "reassign"]
+  last = epochs_done[-1] if epochs_done else {}
+  return {"examples_seen": max([r["examples_seen"] for r in log if r["event"] == "epoch"] or [0]),
+          "super_accuracy": last.get("super_accuracy"), "sub_accuracy": last.get("sub_accuracy"),
+          "nmi_previous": reassigns[-1].get("nmi_previous") if reassigns else None,
+          "knn_monitor": [r.get("knn_top1") for r in reassigns]}
+
+
 def sweep_point(name, extra, budget_min, epochs, seed, out_root):
   model_dir = os.path.join(out_root, f"{name}-s{seed}")
   t0 = time.time()
@@ -76,18 +89,12 @@ def sweep_point(name, extra, budget_min, epochs, seed, out_root):
   report = {"margin_top1": margin, "best_layer": {"layer": best, "margin_top1": margin[best]},
             "margin_knn": {l: trained["knn"][l] - twin["knn"][l] for l in trained["knn"]},
             "results": {"trained": trained, "random": twin}}
-  log = [json.loads(l) for l in open(os.path.join(model_dir, "log.jsonl"))]
-  epochs_done = [r for r in log if r["event"] == "epoch"]
-  reassigns = [r for r in log if r["event"] == "reassign"]
-  last = epochs_done[-1] if epochs_done else {}
   return {
       "name": name, "flags": extra, "seed": seed, "budget_minutes": budget_min,
       "epochs_scheduled": int([f for f in [f"--epochs={epochs}", *extra]
-                               if f.startswith("--epochs=")][-1].split("=")[1]), "train_wall_seconds": round(train_s, 1),
-      "examples_seen": last.get("examples_seen", 0),
-      "super_accuracy": last.get("super_accuracy"), "sub_accuracy": last.get("sub_accuracy"),
-      "nmi_previous": reassigns[-1].get("nmi_previous") if reassigns else None,
-      "knn_monitor": [r.get("knn_top1") for r in reassigns],
+                               if f.startswith("--epochs=")][-1].split("=")[1]),
+      "train_wall_seconds": round(train_s, 1),
+      **log_stats(model_dir),
       "margin_top1": report["margin_top1"], "margin_knn": report["margin_knn"],
       "best_layer": report["best_layer"],
       "trained_top1": {l: v["top1"] for l, v in report["results"]["trained"]["probe"].items()},
@@ -127,7 +134,15 @@ def main():
   p.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"))
   p.add_argument("--list", action="store_true")
   p.add_argument("--table", action="store_true", help="print the markdown table of the results")
+  p.add_argument("--rescan", action="store_true", help="recompute log statistics from --out")
   args = p.parse_args()
+  if args.rescan:  # recompute the log statistics of existing rows from their run folders
+    rows = json.load(open(RESULTS))
+    for r in rows:
+      model_dir = os.path.join(args.out, f"{r['name']}-s{r['seed']}")
+      if os.path.exists(os.path.join(model_dir, "log.jsonl")):
+        r.update(log_stats(model_dir))
+    json.dump(rows, open(RESULTS, "w"), indent=1)
   if args.table:
     print(table(json.load(open(RESULTS))))
     return
