@@ -1,6 +1,7 @@
 r"""Train-step throughput: the hierarchical loss (m=4, k=1000; grouped and gathered
 sub-heads) vs the same trunk with one plain softmax head over m*k classes, same batch,
-side by side; and the share of wall time spent in reassignment at the demo preset.
+side by side; the demo step with and without XLA (--jit_compile); and the share of wall time
+spent in reassignment at the demo preset.
 Writes benchmarks/results/train_step.json.
 
   python benchmarks/train_step.py [--steps=30]
@@ -78,9 +79,12 @@ def main():
   reassign_s, stats = reassign_share(tmp + "/r")
   demo = demo_config(tmp + "/d")
   rate = throughput(demo, args.steps)
+  jit_rate = throughput(demo.replace(train={"jit_compile": True, "model_dir": tmp + "/j"}),
+                        args.steps)
   epoch_s = 5000 * 4 / rate
   t_epochs = demo.clustering.reassign_every
   results.update({"demo_reassign_seconds": reassign_s, "demo_examples_per_s": rate,
+                  "demo_jit_examples_per_s": jit_rate, "ratio_jit_vs_plain": jit_rate / rate,
                   "demo_epoch_seconds_estimate": epoch_s,
                   "demo_reassign_share": reassign_s / (reassign_s + t_epochs * epoch_s),
                   "demo_reassign_stats": stats})

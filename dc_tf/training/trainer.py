@@ -48,13 +48,20 @@ class Trainer:
     t, mc = config.train, config.model
     self.global_batch = t.batch_per_replica * strategy.num_replicas_in_sync
     self.is_chief = dist.is_chief(strategy)
-    if t.mixed_precision:
-      keras.mixed_precision.set_global_policy("mixed_float16")
     # --seed fixes the initial weights and dropout too (Python, NumPy, TF and Keras seeds),
     # so two runs of one command train alike; a resumed run restores them from its checkpoint.
     keras.utils.set_random_seed(t.seed)
     with strategy.scope():
-      self.trunk = vgg.trunk_from_config(mc)
+      # --mixed_precision: the trunk computes in bfloat16 with float32 variables (no loss
+      # scaling needed, unlike float16); the heads, the loss and the features stay float32.
+      # The policy is set only while the trunk is built, so nothing else in the process
+      # inherits it.
+      previous_policy = keras.config.dtype_policy()
+      keras.config.set_dtype_policy("mixed_bfloat16" if t.mixed_precision else previous_policy)
+      try:
+        self.trunk = vgg.trunk_from_config(mc)
+      finally:
+        keras.config.set_dtype_policy(previous_policy)
       self.heads = heads_lib.HierarchicalHeads(config.num_super_classes, config.num_sub_classes,
                                                impl=t.sub_head_impl, dtype="float32")
       self.heads.build([None, mc.fc_units])
@@ -84,6 +91,8 @@ class Trainer:
     self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, t.keep_checkpoints)
     self.writer = (tf.summary.create_file_writer(os.path.join(t.model_dir, "tb"))
                    if self.is_chief else tf.summary.create_noop_writer())
+    self._grads = (tf.function(self._local_grads, jit_compile=True) if t.jit_compile
+                   else self._local_grads)
     self._train_loop = self._make_train_loop()
     self._agree = self._make_agreement()
     self.preempted = False      # set by a SIGTERM handler (train.py); all workers agree on it
@@ -93,7 +102,9 @@ class Trainer:
     self.history: list[dict] = []
 
   # --- one step ------------------------------------------------------------------------
-  def _replica_step(self, batch):
+  def _local_grads(self, batch):
+    """Forward and backward on this replica's batch. It holds no collective, so XLA can
+    compile it whole (--jit_compile); the all-reduce and the update follow outside."""
     cfg = self.config
     with tf.GradientTape() as tape:
       out = self.trunk(batch["image"], training=True)
@@ -103,7 +114,11 @@ class Trainer:
                     if cfg.num_sub_classes else None)
       terms = losses.hierarchical_loss(super_logits, batch["super_class"], sub_logits,
                                        batch["sub_class"], self.global_batch)
-    grads = optim.sum_gradients(tape.gradient(terms["loss"], self.variables))
+    return terms, tape.gradient(terms["loss"], self.variables)
+
+  def _replica_step(self, batch):
+    terms, grads = self._grads(batch)
+    grads = optim.sum_gradients(grads)
     tf.distribute.get_replica_context().merge_call(
         lambda strategy, g: self.optimizer.apply(g), args=(grads,))
     terms["skipped"] = tf.cast(tf.reduce_max(batch["skipped"]), tf.float32)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -105,6 +106,55 @@ def test_two_replicas_match_one_for_the_same_global_batch(tiny_shards, tmp_path)
     run._train_loop(it, tf.constant(2))
   for a, b in zip(one.variables, run2.variables):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=2e-5)
+
+
+def test_jit_compile_trains_the_same_weights(tiny_shards, tmp_path):
+  """--jit_compile XLA-compiles forward and backward; the weights after two steps match the
+  plain graph's (hierarchical loss with sub-heads, batch norm, weight decay)."""
+  cfg = tiny_config(tiny_shards, tmp_path / "plain", weight_decay=1e-3).replace(
+      model={"dropout": 0.0})
+  plain = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  xla = trainer.Trainer(cfg.replace(train={"jit_compile": True,
+                                           "model_dir": str(tmp_path / "xla")}),
+                        tf.distribute.get_strategy())
+  for a, b in zip(plain.trunk.weights + plain.heads.weights, xla.trunk.weights + xla.heads.weights):
+    b.assign(a)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+           "super_class": rng.integers(0, cfg.num_super_classes, 16).astype(np.int32),
+           "sub_class": rng.integers(0, cfg.num_sub_classes, 16).astype(np.int32),
+           "skipped": np.zeros(16, np.int64)}
+  ds = tf.data.Dataset.from_tensors(batch).repeat()
+  before = [v.numpy() for v in plain.variables]
+  losses = [run._train_loop(iter(ds), tf.constant(2))["loss"].numpy() for run in (plain, xla)]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+  for a, b in zip(plain.variables, xla.variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=2e-5)
+  # The steps moved the weights, so the comparison is not vacuous.
+  assert sum(not np.allclose(v.numpy(), w) for v, w in zip(plain.variables, before)) > 10
+
+
+def test_mixed_precision_trunk_in_bfloat16_tracks_float32(tiny_shards, tmp_path):
+  cfg = tiny_config(tiny_shards, tmp_path / "f32").replace(model={"dropout": 0.0})
+  f32 = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  mixed = trainer.Trainer(cfg.replace(train={"mixed_precision": True,
+                                             "model_dir": str(tmp_path / "bf16")}),
+                          tf.distribute.get_strategy())
+  assert keras.config.dtype_policy().name == "float32"  # not leaked to the process
+  assert {v.dtype for v in mixed.variables} == {"float32"}
+  for a, b in zip(f32.trunk.weights + f32.heads.weights, mixed.trunk.weights + mixed.heads.weights):
+    b.assign(a)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(0, 255, size=(16, 32, 32, 3)).astype(np.float32),
+           "super_class": rng.integers(0, cfg.num_super_classes, 16).astype(np.int32),
+           "sub_class": rng.integers(0, cfg.num_sub_classes, 16).astype(np.int32),
+           "skipped": np.zeros(16, np.int64)}
+  out = mixed.trunk(batch["image"], training=False)
+  assert out["conv4"].dtype == tf.bfloat16 and out["fc7"].dtype == tf.float32
+  ds = tf.data.Dataset.from_tensors(batch).repeat()
+  losses = [run._train_loop(iter(ds), tf.constant(3))["loss"].numpy() for run in (f32, mixed)]
+  assert np.isfinite(losses[1])
+  np.testing.assert_allclose(losses[1], losses[0], rtol=0.05)
 
 
 def _train_cmd(data, model_dir, *extra):
