@@ -120,9 +120,10 @@ def table(rows) -> str:
     m = r["margin_top1"]
     flags = " ".join(f for f in r["flags"] if f not in BASE) if r["flags"][:len(BASE)] == BASE \
         else "(screening) " + " ".join(r["flags"])
+    seed = f" (seed {r['seed']})" if r["seed"] else ""
     nmi = "—" if r.get("nmi_previous") is None else f"{r['nmi_previous']:.2f}"
     lines.append(
-        f"| {r['name']} | {flags or '(the compressed demo preset)'} | {r['budget_minutes']:g} min "
+        f"| {r['name']}{seed} | {flags or '(the compressed demo preset)'} | {r['budget_minutes']:g} min "
         f"| {r['train_wall_seconds'] / 60:.1f} min | {r['examples_seen'] / 1000:.1f}k "
         f"| {pct(r['super_accuracy'])} | {pct(r['sub_accuracy']) if r.get('sub_accuracy') else '—'} "
         f"| {nmi} | {r['best_layer']['layer']}: {r['best_layer']['margin_top1']:+.1f} "
