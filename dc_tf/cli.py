@@ -52,7 +52,9 @@ def define_train_flags() -> None:
   flags.DEFINE_bool("reinit_heads", _T.reinit_heads, "Re-initialise heads after reassignment.")
   flags.DEFINE_integer("rotnet_warmup_epochs", _T.rotnet_warmup_epochs,
                        "Rotation-only epochs before the first clustering (deepercluster mode).")
-  flags.DEFINE_enum("sub_head_impl", _T.sub_head_impl, ["group", "gather"], "Sub-head logits.")
+  flags.DEFINE_integer("cpu_replicas", _T.cpu_replicas,
+                       "Testing aid: this many replicas per worker on logical CPU devices "
+                       "(a CPU stand-in for a machine with several GPUs); 0 = one per device.")
   flags.DEFINE_integer("steps_per_loop", _T.steps_per_loop, "Train steps per tf.function call.")
   flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints.")
   flags.DEFINE_integer("keep_checkpoints", _T.keep_checkpoints, "Checkpoints kept.")
@@ -84,7 +86,7 @@ def config_from_flags() -> ExperimentConfig:
                         schedule=f.schedule, momentum=f.momentum, weight_decay=f.weight_decay,
                         uniform_sampler=f.uniform_sampler, reinit_heads=f.reinit_heads,
                         rotnet_warmup_epochs=f.rotnet_warmup_epochs,
-                        sub_head_impl=f.sub_head_impl, steps_per_loop=f.steps_per_loop,
+                        cpu_replicas=f.cpu_replicas, steps_per_loop=f.steps_per_loop,
                         checkpoint_every=f.checkpoint_every,
                         keep_checkpoints=f.keep_checkpoints, seed=f.seed,
                         mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,

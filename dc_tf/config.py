@@ -77,7 +77,7 @@ class TrainConfig:
   uniform_sampler: bool = True
   reinit_heads: bool = True
   rotnet_warmup_epochs: int = 0       # rotation-only epochs before the first clustering
-  sub_head_impl: str = "group"        # group | gather
+  cpu_replicas: int = 0               # >1: replicas per worker on logical CPUs (testing aid)
   steps_per_loop: int = 10
   checkpoint_every: int = 200         # steps; also at every epoch end
   keep_checkpoints: int = 3
@@ -140,7 +140,7 @@ class ExperimentConfig:
         (t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}"),
         (t.lr > 0, f"--lr must be > 0, got {t.lr}"),
         (t.schedule in ("constant", "cosine"), f"--schedule: {t.schedule!r}"),
-        (t.sub_head_impl in ("group", "gather"), f"--sub_head_impl: {t.sub_head_impl!r}"),
+        (t.cpu_replicas >= 0, f"--cpu_replicas must be >= 0, got {t.cpu_replicas}"),
         (t.steps_per_loop >= 1, "--steps_per_loop must be >= 1"),
         (0 < d.crop_scale_min <= 1, "--crop_scale_min must be in (0, 1]"),
     ]

@@ -2,6 +2,14 @@
 
 MultiWorkerMirroredStrategy when TF_CONFIG names several workers, otherwise
 MirroredStrategy over the local GPUs (or the default strategy on one device).
+
+Workers are numbered as MWMS numbers them (`worker_index`): the chief first, then the
+workers; replica ids follow, worker by worker (`dc_tf.placement.local_replica_ids`).
+
+`cpu_replicas` > 1 runs that many replicas per worker on logical CPU devices, so layouts of
+several replicas per worker (a machine with 8 GPUs) can be run and tested on a CPU box.
+MWMS itself gives a CPU-only worker one device; for this testing aid its device list is
+replaced with the logical CPUs (a private hook of TF 2.21, used for CPU replicas only).
 """
 
 from __future__ import annotations
@@ -19,11 +27,47 @@ def num_workers_in_tf_config() -> int:
   return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-def make_strategy(collective_timeout: float = 0.0) -> tf.distribute.Strategy:
+def use_cpu_replicas(n: int) -> list[str]:
+  """Splits the CPU into n logical devices (before TensorFlow starts); returns their names."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  current = tf.config.get_logical_device_configuration(cpu) or []
+  if len(current) < n:
+    try:
+      tf.config.set_logical_device_configuration(
+          cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+      raise RuntimeError(f"cannot make {n} CPU replicas: TensorFlow has already started "
+                         f"with {max(len(current), 1)} CPU device(s)") from e
+  return [f"/cpu:{i}" for i in range(n)]
+
+
+def _mwms_with_cpu_replicas(n: int, options):
+  from tensorflow.python.distribute import collective_all_reduce_strategy as cars
+  extended = cars.CollectiveAllReduceExtended
+  original = extended._initialize_local_devices
+
+  def cpu_devices(self, cluster_resolver, worker_device):
+    del cluster_resolver
+    return tuple(f"{worker_device}/device:CPU:{i}" for i in range(n)), "CPU"
+  extended._initialize_local_devices = cpu_devices
+  try:
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+  finally:
+    extended._initialize_local_devices = original
+
+
+def make_strategy(collective_timeout: float = 0.0, cpu_replicas: int = 0
+                  ) -> tf.distribute.Strategy:
   """The strategy for this process. `collective_timeout` (seconds, 0 = none) makes a
-  collective fail instead of hanging when a peer is stopped or gone."""
+  collective fail instead of hanging when a peer is stopped or gone; `cpu_replicas` > 1:
+  that many replicas per worker on logical CPU devices (testing aid, see above)."""
   options = tf.distribute.experimental.CommunicationOptions(
       timeout_seconds=collective_timeout or None)
+  if cpu_replicas > 1:
+    devices = use_cpu_replicas(cpu_replicas)
+    if num_workers_in_tf_config() > 1:
+      return _mwms_with_cpu_replicas(cpu_replicas, options)
+    return tf.distribute.MirroredStrategy(devices)
   if num_workers_in_tf_config() > 1:
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
   gpus = tf.config.list_logical_devices("GPU")
@@ -33,15 +77,32 @@ def make_strategy(collective_timeout: float = 0.0) -> tf.distribute.Strategy:
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or not resolver.task_type:
-    return True
-  return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
+  """The one worker that writes the run's checkpoint, summaries and export."""
+  return worker_index(strategy) == 0
 
 
 def worker_index(strategy) -> int:
+  """This worker's index among all training workers: 0 for the chief (or worker 0 when
+  TF_CONFIG names no chief), then the workers in order; the same numbering MWMS uses for
+  its replica ids. Evaluators do not train and have no index."""
   resolver = getattr(strategy, "cluster_resolver", None)
-  return int(resolver.task_id or 0) if resolver is not None and resolver.task_type else 0
+  if resolver is None or not resolver.task_type:
+    return 0
+  task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
+  if task_type == "chief":
+    return 0
+  if task_type == "worker":
+    return task_id + len(resolver.cluster_spec().as_dict().get("chief", []))
+  raise ValueError(f"TF_CONFIG task type {task_type!r} does not train: only 'chief' and "
+                   "'worker' tasks run train.py")
+
+
+def local_devices(strategy) -> list[str | None]:
+  """This worker's replica devices (None: the default strategy's one device)."""
+  try:
+    return list(strategy.extended.worker_devices)
+  except RuntimeError:
+    return [None]
 
 
 def num_local_replicas(strategy) -> int:

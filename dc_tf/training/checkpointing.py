@@ -1,8 +1,13 @@
 """Checkpoint layout: what a run directory holds, and loading a trunk back from it.
 
   MODEL_DIR/config.json      the frozen ExperimentConfig
-  MODEL_DIR/ckpt/ckpt-N      tf.train.Checkpoint: trunk, heads, optimizer, step, and the
+  MODEL_DIR/ckpt/ckpt-N      tf.train.Checkpoint: trunk, V, optimizer, step, and the
                              cluster state (id -> (super, sub) table, assignment epoch)
+  MODEL_DIR/subheads/worker-W/ckpt-N
+                             the sub-head pieces of worker W's replicas and their momentum,
+                             written by that worker (no replica holds all heads, so no
+                             single file does); names carry the head and columns, so a run
+                             on another replica count re-cuts them (`restore_pieces`)
   MODEL_DIR/tb/              TensorBoard summaries
   MODEL_DIR/log.jsonl        one JSON line per epoch / reassignment
 """
@@ -10,11 +15,17 @@
 from __future__ import annotations
 
 import os
+import re
 
+import numpy as np
 import tensorflow as tf
 
 from dc_tf.config import ExperimentConfig
 from dc_tf.models import vgg
+from dc_tf.placement import Piece
+
+SUBHEADS = "subheads"
+PIECE_FIELDS = ("kernel", "bias", "kernel_momentum", "bias_momentum")
 
 
 class CheckpointError(FileNotFoundError):
@@ -60,3 +71,62 @@ def load_trunk(model_dir: str):
   trunk = vgg.trunk_from_config(config.model)
   step = restore_trunk(trunk, model_dir)
   return trunk, config, step
+
+
+def _pieces_dir(model_dir: str, worker: int) -> str:
+  return os.path.join(model_dir, SUBHEADS, f"worker-{worker}")
+
+
+def save_pieces(model_dir: str, worker: int, step: int, pieces: dict[str, dict],
+                num_replicas: int, keep: int) -> str:
+  """Writes this worker's pieces ({piece name: {field: variable}}) as ckpt-<step>; keeps the
+  newest keep + 1 (one more than the run's checkpoints, so the pieces of the newest complete
+  run checkpoint survive a crash between the two writes)."""
+  folder = _pieces_dir(model_dir, worker)
+  prefix = tf.train.Checkpoint(
+      pieces=pieces, num_replicas=tf.Variable(num_replicas, dtype=tf.int64)).write(
+          os.path.join(folder, f"ckpt-{step}"))
+  steps = sorted({int(m.group(1)) for f in tf.io.gfile.listdir(folder)
+                  if (m := re.match(r"ckpt-(\d+)\.index$", f))})
+  for old in steps[:-(keep + 1)]:
+    for f in tf.io.gfile.glob(os.path.join(folder, f"ckpt-{old}.*")):
+      tf.io.gfile.remove(f)
+  return prefix
+
+
+def restore_pieces(model_dir: str, step: int, pieces: dict[str, dict], num_replicas: int) -> None:
+  """Fills this worker's pieces from the piece files of step `step` of every worker that can
+  be read here. A piece is assembled from the saved columns it covers, so the saved layout
+  may differ from this one; columns that no readable file holds are an error naming both
+  replica counts."""
+  saved, saved_replicas = [], set()
+  for index in tf.io.gfile.glob(os.path.join(model_dir, SUBHEADS, "*", f"ckpt-{step}.index")):
+    reader = tf.train.load_checkpoint(index[:-len(".index")])
+    saved_replicas.add(int(reader.get_tensor("num_replicas/.ATTRIBUTES/VARIABLE_VALUE")))
+    names = {n.split("/")[1] for n, _ in tf.train.list_variables(index[:-len(".index")])
+             if n.startswith("pieces/")}
+    saved += [(Piece.from_name(name), name, reader) for name in names]
+  for name, fields in pieces.items():
+    want = Piece.from_name(name)
+    parts = sorted((p, n, r) for p, n, r in saved
+                   if p.head == want.head and p.start < want.stop and p.stop > want.start)
+    covered = want.start
+    for p, _, _ in parts:
+      covered = max(covered, p.stop) if p.start <= covered else covered
+    if covered < want.stop:
+      was = ", ".join(str(r) for r in sorted(saved_replicas)) or "an unknown number of"
+      raise CheckpointError(
+          f"step {step}: columns {covered}..{want.stop - 1} of sub-head {want.head} are in no "
+          f"readable file under {os.path.join(model_dir, SUBHEADS)}. The checkpoint was written "
+          f"by {was} replicas, this run has {num_replicas}: make every worker's "
+          f"{SUBHEADS}/worker-* folder readable here (shared or copied), or resume with "
+          f"{was} replicas.")
+    for field, var in fields.items():
+      columns, at = [], want.start
+      for p, n, r in parts:
+        if p.stop <= at:
+          continue
+        value = r.get_tensor(f"pieces/{n}/{field}/.ATTRIBUTES/VARIABLE_VALUE")
+        columns.append(value[..., at - p.start:min(p.stop, want.stop) - p.start])
+        at = min(p.stop, want.stop)
+      var.assign(np.concatenate(columns, axis=-1))

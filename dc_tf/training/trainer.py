@@ -20,6 +20,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from tqdm import tqdm
 
 from dc_tf import distribute as dist
+from dc_tf import placement as placement_lib
 from dc_tf.clustering import extract, hierarchy
 from dc_tf.config import ExperimentConfig
 from dc_tf.data import reader, sampler
@@ -29,6 +30,14 @@ from dc_tf.training import checkpointing, losses, optim
 
 COLLAPSE_SHARE = 0.5     # one cluster holding more than this share of the images: alarm
 METRICS = ("loss", "super_loss", "sub_loss", "super_correct", "sub_correct")
+
+
+@tf.custom_gradient
+def _dense_gradient(x):
+  """Identity whose gradient is dense. The gradients of all_gather and all_reduce are
+  collectives that need the same kind of tensor on every replica; gathering rows of the
+  global batch gives IndexedSlices on some replicas and dense zeros on others."""
+  return tf.identity(x), tf.convert_to_tensor
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,16 +71,26 @@ class Trainer:
         self.trunk = vgg.trunk_from_config(mc)
       finally:
         keras.config.set_dtype_policy(previous_policy)
-      self.heads = heads_lib.HierarchicalHeads(config.num_super_classes, config.num_sub_classes,
-                                               impl=t.sub_head_impl, dtype="float32")
-      self.heads.build([None, mc.fc_units])
-      self.variables = self.trunk.trainable_variables + self.heads.trainable_variables
+      self.super_head = heads_lib.SuperHead(config.num_super_classes, dtype="float32")
+      self.super_head.build([None, mc.fc_units])
+      self.variables = self.trunk.trainable_variables + self.super_head.trainable_variables
       self.optimizer = optim.SGD(self.variables, t.lr, t.momentum, t.weight_decay)
       self.step = tf.Variable(0, dtype=tf.int64, name="step", trainable=False)
       self.assignment_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
       # The step -> (epoch, position) mapping depends on the global batch: a run resumed
       # with another one would be silently misaligned, so it is saved and checked.
       self.saved_global_batch = tf.Variable(self.global_batch, dtype=tf.int64, trainable=False)
+    # Sub-heads: each replica holds only its pieces (dc_tf.placement), created on its own
+    # device outside the strategy's scope, with their momentum beside them.
+    self.placement = placement_lib.HeadPlacement(
+        config.num_super_classes, config.num_sub_classes, strategy.num_replicas_in_sync)
+    self.sub_heads = None
+    if config.num_sub_classes:
+      self.sub_heads = heads_lib.SubHeads(
+          self.placement, mc.fc_units, placement_lib.local_replica_ids(strategy),
+          dist.local_devices(strategy), seed=t.seed)
+      self.local_optimizer = optim.LocalSGD(self.sub_heads.local_variables(), t.momentum,
+                                            t.weight_decay)
     # Cluster state (explicit, checkpointed): the id -> (super, sub) table and the epoch
     # it was computed at, so a resumed run does not re-cluster. Every worker computes the
     # same table through collectives, so these are plain local variables (outside the
@@ -82,7 +101,7 @@ class Trainer:
     self.table_sub = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
     self.checkpoint = tf.train.Checkpoint(
         global_batch=self.saved_global_batch,
-        trunk=self.trunk, heads=self.heads, optimizer=self.optimizer, step=self.step,
+        trunk=self.trunk, super_head=self.super_head, optimizer=self.optimizer, step=self.step,
         table_ids=self.table_ids, table_super=self.table_super, table_sub=self.table_sub,
         assignment_epoch=self.assignment_epoch)
     ckpt_dir = os.path.join(t.model_dir, "ckpt")
@@ -91,8 +110,8 @@ class Trainer:
     self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, t.keep_checkpoints)
     self.writer = (tf.summary.create_file_writer(os.path.join(t.model_dir, "tb"))
                    if self.is_chief else tf.summary.create_noop_writer())
-    self._grads = (tf.function(self._local_grads, jit_compile=True) if t.jit_compile
-                   else self._local_grads)
+    self._features = (tf.function(self._trunk_features, jit_compile=True) if t.jit_compile
+                      else self._trunk_features)
     self._train_loop = self._make_train_loop()
     self._agree = self._make_agreement()
     self.preempted = False      # set by a SIGTERM handler (train.py); all workers agree on it
@@ -102,25 +121,49 @@ class Trainer:
     self.history: list[dict] = []
 
   # --- one step ------------------------------------------------------------------------
-  def _local_grads(self, batch):
-    """Forward and backward on this replica's batch. It holds no collective, so XLA can
-    compile it whole (--jit_compile); the all-reduce and the update follow outside."""
-    cfg = self.config
-    with tf.GradientTape() as tape:
-      out = self.trunk(batch["image"], training=True)
-      h = tf.nn.relu(tf.cast(out["fc7"], tf.float32))  # heads take ReLU(fc7)
-      super_logits = self.heads.super_logits(h)
-      sub_logits = (self.heads.sub_logits(h, batch["super_class"])
-                    if cfg.num_sub_classes else None)
-      terms = losses.hierarchical_loss(super_logits, batch["super_class"], sub_logits,
-                                       batch["sub_class"], self.global_batch)
-    return terms, tape.gradient(terms["loss"], self.variables)
+  def _trunk_features(self, images):
+    """ReLU(fc7) of this replica's images. It holds no collective, so XLA can compile it,
+    and its gradient, whole (--jit_compile); the heads and the collectives follow outside."""
+    out = self.trunk(images, training=True)
+    return tf.nn.relu(tf.cast(out["fc7"], tf.float32))  # heads take ReLU(fc7)
 
   def _replica_step(self, batch):
-    terms, grads = self._grads(batch)
-    grads = optim.sum_gradients(grads)
-    tf.distribute.get_replica_context().merge_call(
-        lambda strategy, g: self.optimizer.apply(g), args=(grads,))
+    """Forward, backward and update on one replica. Trunk and V: gradients summed over all
+    replicas (each replica's loss is already divided by the global batch). Sub-heads: this
+    replica's pieces score the global batch's features, gathered, and are updated here with
+    the per-super-class mean gradient (dc_tf.training.losses states the semantics)."""
+    ctx = tf.distribute.get_replica_context()
+    n, many = self.global_batch, self.strategy.num_replicas_in_sync > 1
+    pieces = []
+    if self.sub_heads is not None:
+      pieces = self.sub_heads.of_replica(int(tf.get_static_value(ctx.replica_id_in_sync_group)))
+    piece_vars = [v for _, kernel, bias in pieces for v in (kernel, bias)]
+    gather = (lambda x: _dense_gradient(ctx.all_gather(x, axis=0))) if many else tf.identity
+    with tf.GradientTape() as tape:
+      h = self._features(batch["image"])
+      terms = losses.super_class_loss(self.super_head(h), batch["super_class"], n)
+      if self.sub_heads is not None:
+        h_all, super_all, sub_all = (gather(h), gather(batch["super_class"]),
+                                     gather(batch["sub_class"]))
+        terms.update(losses.partitioned_sub_loss(
+            h_all, super_all, sub_all, pieces, global_batch_size=n,
+            sharded=self.placement.sharded,
+            cross_replica_max=lambda x: tf.reduce_max(ctx.all_gather(x[None], axis=0), axis=0),
+            cross_replica_sum=lambda x: _dense_gradient(
+                ctx.all_reduce(tf.distribute.ReduceOp.SUM, x))))
+      else:
+        terms.update(sub_loss=tf.constant(0.0), sub_correct=tf.constant(0.0))
+      terms["loss"] = terms["super_loss"] + terms["sub_loss"]
+    grads = tape.gradient(terms["loss"], self.variables + piece_vars)
+    shared = optim.sum_gradients(grads[:len(self.variables)])
+    ctx.merge_call(lambda strategy, g: self.optimizer.apply(g), args=(shared,))
+    if pieces:
+      local = grads[len(self.variables):]
+      updates = []
+      for i, (piece, kernel, bias) in enumerate(pieces):
+        scale = losses.sub_head_gradient_scale(super_all, sub_all, piece.head, n)
+        updates += [(local[2 * i] * scale, kernel), (local[2 * i + 1] * scale, bias)]
+      self.local_optimizer.apply(updates, self.optimizer.learning_rate)
     terms["skipped"] = tf.cast(tf.reduce_max(batch["skipped"]), tf.float32)
     return terms
 
@@ -190,8 +233,7 @@ class Trainer:
     self.table_sub.assign(assignment.sub_cluster)
     self.assignment_epoch.assign(epoch)
     if cfg.train.reinit_heads:
-      reset = self.heads.reinitialize(cfg.train.seed + epoch, include_super=cfg.num_super_clusters > 1)
-      self.optimizer.reset_slots(reset)
+      self.reinitialize_heads(epoch)
     labels = assignment.flat_labels
     sizes = np.bincount(labels)
     stats = {"event": "reassign", "epoch": epoch, "images": int(len(labels)),
@@ -215,6 +257,15 @@ class Trainer:
         if key in stats:
           tf.summary.scalar(f"clusters/{key}", stats[key])
     return stats
+
+  def reinitialize_heads(self, epoch: int) -> None:
+    """Fresh sub-heads (and V when the super-clusters changed, m > 1) with zero momentum:
+    the new pseudo-labels have no relation to the old ones."""
+    seed = self.config.train.seed + 7919 * (epoch + 1)
+    if self.sub_heads is not None:
+      self.local_optimizer.reset_slots(self.sub_heads.reinitialize(seed))
+    if self.config.num_super_clusters > 1:
+      self.optimizer.reset_slots(self.super_head.reinitialize(seed))
 
   def _knn_monitor(self) -> float:
     """Leave-one-out 20-NN (cosine) top-1 on the labelled eval slice: are features forming?"""
@@ -256,6 +307,9 @@ class Trainer:
             "the epoch position: set --batch_per_replica so that the global batch is unchanged "
             "(the cluster table and sampler are global, so any worker count works then).")
       self.checkpoint.restore(latest)
+      if self.sub_heads is not None:
+        checkpointing.restore_pieces(self.config.train.model_dir, int(latest.rsplit("-", 1)[1]),
+                                     self._piece_fields(), self.strategy.num_replicas_in_sync)
       logging.info("resumed from %s at step %d", latest, int(self.step.numpy()))
       if len(self.table_ids.numpy()):
         self.previous_labels = (self.table_super.numpy().astype(np.int64) * self.config.clustering.k
@@ -295,8 +349,19 @@ class Trainer:
       with tf.io.gfile.GFile(os.path.join(self.config.train.model_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
+  def _piece_fields(self) -> dict[str, dict]:
+    """{piece name: {field: variable}} of this worker's sub-head pieces and their momentum."""
+    slot = self.local_optimizer.slot
+    return {name: {"kernel": k, "bias": b, "kernel_momentum": slot(k), "bias_momentum": slot(b)}
+            for name, (_, k, b) in self.sub_heads.by_name().items()}
+
   def _save(self) -> None:
-    self.manager.save(checkpoint_number=int(self.step.numpy()))
+    step = int(self.step.numpy())
+    if self.sub_heads is not None:  # every worker its own pieces, before the run's checkpoint
+      checkpointing.save_pieces(self.config.train.model_dir, dist.worker_index(self.strategy),
+                                step, self._piece_fields(), self.strategy.num_replicas_in_sync,
+                                self.config.train.keep_checkpoints)
+    self.manager.save(checkpoint_number=step)
 
   def fit(self, max_seconds: float = 0.0) -> list[dict]:
     cfg, t = self.config, self.config.train
@@ -357,12 +422,17 @@ class Trainer:
     epoch_images = t.epoch_size or pool
     plan = self._plan(epoch, epoch_images)
 
+    # One dataset per worker, and each of its G local replicas takes one batch per step:
+    # the worker's dataset holds G batches per step.
+    n_local = dist.num_local_replicas(self.strategy)
+
     def dataset_fn(ctx):
       return reader.build_train_dataset(
           cfg.data.data_pattern, image_size=cfg.model.image_size,
-          batch_size=ctx.get_per_replica_batch_size(self.global_batch), steps=steps_per_epoch,
-          plan=plan, num_rotations=cfg.num_rotations, all_rotations=t.all_rotations,
-          seed=t.seed, epoch=epoch, skip_steps=done, crop_scale_min=cfg.data.crop_scale_min,
+          batch_size=ctx.get_per_replica_batch_size(self.global_batch),
+          steps=steps_per_epoch * n_local, plan=plan, num_rotations=cfg.num_rotations,
+          all_rotations=t.all_rotations, seed=t.seed, epoch=epoch, skip_steps=done * n_local,
+          crop_scale_min=cfg.data.crop_scale_min,
           shuffle_buffer=cfg.data.shuffle_buffer, input_context=ctx)
 
     iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
