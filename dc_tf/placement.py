@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, order=True)
 class Piece:
   """Columns [start, stop) of sub-head W_head (sub-classes start..stop-1 of that head)."""
   head: int

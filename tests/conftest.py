@@ -8,22 +8,26 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-# Two logical CPU devices, so MirroredStrategy can run 2 replicas in one process.
+# Four logical CPU devices, so MirroredStrategy can run 2 or 4 replicas in one process.
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    _cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(4)])
 
 from dc_tf.data import make_shards, schema  # noqa: E402
 
-_TWO_CPUS = []
+_STRATEGIES = {}
+
+
+def cpu_strategy(n):
+  """One MirroredStrategy over n logical CPUs, shared by all tests: strategies created side
+  by side in one process reuse collective instance keys."""
+  if n not in _STRATEGIES:
+    _STRATEGIES[n] = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
+  return _STRATEGIES[n]
 
 
 def two_cpu_strategy():
-  """One MirroredStrategy over the two logical CPUs, shared by all tests: strategies
-  created side by side in one process reuse collective instance keys."""
-  if not _TWO_CPUS:
-    _TWO_CPUS.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-  return _TWO_CPUS[0]
+  return cpu_strategy(2)
 
 
 def pytest_configure(config):

@@ -1,6 +1,7 @@
 """Run by the multi-worker tests in separate processes (TF_CONFIG set by the test).
 
   python tests/multiworker_job.py kmeans OUT.npz   # hierarchical k-means on fixed data
+  python tests/multiworker_job.py steps INIT.npz OUT_PREFIX   # 3 train steps, 2 CPU replicas
 """
 
 import os
@@ -31,5 +32,63 @@ def kmeans_job(out_path):
   np.savez(out_path, ids=a.image_ids, sup=a.super_cluster, sub=a.sub_cluster)
 
 
+MODES = ("deepercluster", "deepcluster")   # S = 8 whole heads; S = 1 head cut into shards
+GLOBAL_BATCH = 16
+
+
+def layout_config(mode, model_dir, replicas):
+  """A tiny run whose global batch (16) is the same for any replica count."""
+  from dc_tf.config import ExperimentConfig
+  return ExperimentConfig().replace(
+      data={"data_pattern": "unused", "image_size": 32},
+      model={"image_size": 32, "width": 0.125, "fc_dim": 32, "dropout": 0.0},
+      clustering={"m": 2, "k": 7},
+      train={"mode": mode, "model_dir": model_dir, "batch_per_replica": GLOBAL_BATCH // replicas,
+             "lr": 0.05, "weight_decay": 1e-3, "knn_monitor": False}).validate()
+
+
+def fixed_global_batch(cfg):
+  rng = np.random.default_rng(7)
+  n = GLOBAL_BATCH
+  return {"image": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+          "super_class": rng.integers(0, cfg.num_super_classes, n).astype(np.int32),
+          "sub_class": rng.integers(0, cfg.num_sub_classes, n).astype(np.int32),
+          "skipped": np.zeros(n, np.int64)}
+
+
+def three_steps(run, batch, init=None):
+  """Loads `init` (trunk and V), runs 3 steps through distribute_datasets_from_function, each
+  replica fed its rows of the fixed global batch; returns every weight this worker holds."""
+  import tensorflow as tf
+  if init is not None:
+    for v, value in zip(run.variables, init):
+      v.assign(value)
+  b = run.config.train.batch_per_replica
+
+  def dataset_fn(ctx):   # one dataset per worker, one batch per local replica and step
+    n_local = GLOBAL_BATCH // b // ctx.num_input_pipelines
+    first = ctx.input_pipeline_id * n_local
+    rows = {k: v[first * b:(first + n_local) * b] for k, v in batch.items()}
+    return tf.data.Dataset.from_tensor_slices(rows).batch(b).repeat()
+  run._train_loop(iter(run.strategy.distribute_datasets_from_function(dataset_fn)),
+                  tf.constant(3))
+  out = {f"shared_{i}": v.numpy() for i, v in enumerate(run.variables)}
+  out.update({f"piece_{name}": k.numpy() for name, (_, k, _) in run.sub_heads.by_name().items()})
+  return out
+
+
+def steps_job(init_path, out_prefix):
+  from dc_tf.training import trainer
+  strategy = dist.make_strategy(collective_timeout=120, cpu_replicas=2)
+  assert strategy.num_replicas_in_sync == 4, strategy.num_replicas_in_sync
+  init = np.load(init_path)
+  for mode in MODES:
+    cfg = layout_config(mode, f"{out_prefix}-{mode}-run", 4)
+    run = trainer.Trainer(cfg, strategy)
+    out = three_steps(run, fixed_global_batch(cfg), [init[f"{mode}_{i}"] for i in
+                                                     range(len(run.variables))])
+    np.savez(f"{out_prefix}-{mode}.npz", **out)
+
+
 if __name__ == "__main__":
-  {"kmeans": kmeans_job}[sys.argv[1]](*sys.argv[2:])
+  {"kmeans": kmeans_job, "steps": steps_job}[sys.argv[1]](*sys.argv[2:])

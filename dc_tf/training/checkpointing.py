@@ -108,8 +108,9 @@ def restore_pieces(model_dir: str, step: int, pieces: dict[str, dict], num_repli
     saved += [(Piece.from_name(name), name, reader) for name in names]
   for name, fields in pieces.items():
     want = Piece.from_name(name)
-    parts = sorted((p, n, r) for p, n, r in saved
-                   if p.head == want.head and p.start < want.stop and p.stop > want.start)
+    parts = sorted(((p, n, r) for p, n, r in saved
+                    if p.head == want.head and p.start < want.stop and p.stop > want.start),
+                   key=lambda part: part[0])
     covered = want.start
     for p, _, _ in parts:
       covered = max(covered, p.stop) if p.start <= covered else covered

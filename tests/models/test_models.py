@@ -52,31 +52,26 @@ def test_folded_sobel_equals_unfolded():
     np.testing.assert_allclose(a[name], b[name], atol=1e-4, rtol=1e-4)
 
 
-def test_heads_group_equals_gather_and_masking():
-  h = tf.random.stateless_normal([12, 8], [0, 1])
-  s = tf.constant([0, 3, 1, 1, 2, 0, 3, 3, 2, 1, 0, 2])
-  group = heads.HierarchicalHeads(4, 5, impl="group")
-  group.build([None, 8])
-  gather = heads.HierarchicalHeads(4, 5, impl="gather")
-  gather.build([None, 8])
-  for a, b in zip(gather.weights, group.weights):
-    a.assign(b)
-  np.testing.assert_allclose(group.sub_logits(h, s), gather.sub_logits(h, s), atol=1e-6)
-  # Only the example's own head gets gradient.
-  with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(group.sub_logits(h[:1], s[:1]))
-  g = tape.gradient(loss, group.w_kernel).numpy()
-  assert np.abs(g[0]).sum() > 0 and np.abs(g[1:]).sum() == 0
+def test_sub_head_initial_values_do_not_depend_on_the_layout():
+  from dc_tf.placement import HeadPlacement
+  whole = heads.SubHeads(HeadPlacement(2, 600, 1), 8, [0], [None], seed=3)
+  cut = heads.SubHeads(HeadPlacement(2, 600, 6), 8, list(range(6)), [None] * 6, seed=3)
+  assert len(cut.by_name()) == 6 and len(whole.by_name()) == 2
+  for s, w in whole.full_kernels().items():
+    assert w.shape == (8, 600) and 0.005 < w.std() < 0.02
+    np.testing.assert_array_equal(cut.full_kernels()[s], w)
+  assert not np.allclose(whole.full_kernels()[0], whole.full_kernels()[1])
 
 
 def test_heads_reinitialize():
-  hd = heads.HierarchicalHeads(4, 3)
-  hd.build([None, 6])
-  v_before, w_before = hd.v_kernel.numpy().copy(), hd.w_kernel.numpy().copy()
-  hd.w_bias.assign(tf.ones_like(hd.w_bias))
-  reset = hd.reinitialize(seed=1, include_super=False)
-  assert len(reset) == 2
-  assert not np.allclose(hd.w_kernel.numpy(), w_before) and not hd.w_bias.numpy().any()
-  np.testing.assert_array_equal(hd.v_kernel.numpy(), v_before)
-  hd.reinitialize(seed=2, include_super=True)
-  assert not np.allclose(hd.v_kernel.numpy(), v_before)
+  from dc_tf.placement import HeadPlacement
+  sub = heads.SubHeads(HeadPlacement(4, 3, 1), 6, [0], [None], seed=0)
+  v = heads.SuperHead(4)
+  v.build([None, 6])
+  before = sub.full_kernels()[0].copy()
+  sub.pieces[0][0][2].assign(tf.ones([3]))
+  assert len(sub.reinitialize(seed=1)) == 8
+  assert not np.allclose(sub.full_kernels()[0], before)
+  assert not sub.pieces[0][0][2].numpy().any()
+  v_before = v.kernel.numpy().copy()
+  assert len(v.reinitialize(seed=2)) == 2 and not np.allclose(v.kernel.numpy(), v_before)
