@@ -19,6 +19,15 @@ cli.define_train_flags()
 DEFAULT_FLAGFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags", "demo.cfg")
 
 
+def print_plan(config):
+  from dc_tf import plan
+  from dc_tf.data import reader
+  f = flags.FLAGS
+  images = f.num_images or len(reader.read_image_ids(config.data.data_pattern))
+  print(plan.format_plan(plan.memory_plan(config, f.num_replicas, f.replicas_per_worker, images),
+                         f.device_gb))
+
+
 def main(argv):
   del argv
   import tensorflow as tf
@@ -27,6 +36,9 @@ def main(argv):
   from dc_tf.training import checkpointing, trainer
 
   config = cli.config_from_flags()
+  if flags.FLAGS.plan:
+    print_plan(config)
+    return
   reader.list_shards(config.data.data_pattern)  # fail fast, naming the pattern
   strategy = distribute.make_strategy(config.train.collective_timeout,
                                      config.train.cpu_replicas)

@@ -66,6 +66,12 @@ def define_train_flags() -> None:
   flags.DEFINE_bool("knn_monitor", _T.knn_monitor, "kNN on --eval_pattern at each reassignment.")
   flags.DEFINE_float("collective_timeout", _T.collective_timeout, "Seconds; 0 = wait forever.")
   flags.DEFINE_float("max_minutes", 0.0, "Stop (resumably) after this many minutes; 0 = no limit.")
+  # --plan: print the memory plan for a layout and exit, allocating nothing
+  flags.DEFINE_bool("plan", False, "Print the memory plan (per replica and per worker) and exit.")
+  flags.DEFINE_integer("num_replicas", 1, "--plan: replicas in sync over all workers.")
+  flags.DEFINE_integer("replicas_per_worker", 1, "--plan: replicas (GPUs) per worker.")
+  flags.DEFINE_integer("num_images", 0, "--plan: images in the pool; 0 = count --data_pattern.")
+  flags.DEFINE_float("device_gb", 80.0, "--plan: accelerator memory to check the plan against.")
 
 
 def config_from_flags() -> ExperimentConfig:
