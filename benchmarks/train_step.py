@@ -1,7 +1,8 @@
-r"""Train-step throughput: the hierarchical loss (m=4, k=1000; grouped and gathered
-sub-heads) vs the same trunk with one plain softmax head over m*k classes, same batch,
-side by side; the demo step with and without XLA (--jit_compile); and the share of wall time
-spent in reassignment at the demo preset.
+r"""Train-step throughput: the hierarchical loss (m=4, k=1000: S=16 partitioned sub-heads)
+vs the same trunk with one plain mirrored softmax over the m*k = 4000 clusters, same batch,
+side by side, on 1 replica and on 4 replicas (logical CPU devices: the partitioned heads'
+gathers and exchanges run for real); the demo step with and without XLA (--jit_compile); and
+the share of wall time spent in reassignment at the demo preset.
 Writes benchmarks/results/train_step.json.
 
   python benchmarks/train_step.py [--steps=30]
@@ -19,6 +20,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
+tf.config.set_logical_device_configuration(   # 4 replicas in one process (before TF starts)
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration() for _ in range(4)])
+
 import common  # noqa: E402
 from dc_tf.config import ExperimentConfig  # noqa: E402
 from dc_tf.training import trainer  # noqa: E402
@@ -33,16 +38,37 @@ def demo_config(model_dir, **clustering):
   return cfg.validate()
 
 
-def throughput(cfg, steps, plain=False):
-  run = trainer.Trainer(cfg, tf.distribute.get_strategy())
+def plain_softmax(run, classes):
+  """Turns a RotNet trainer into the plain baseline: its V becomes one mirrored `classes`-way
+  softmax over ReLU(fc7), trained by the same loop, optimizer and all-reduce."""
+  from dc_tf.models import heads
+  from dc_tf.training import optim
+  cfg = run.config
+  with run.strategy.scope():
+    run.super_head = heads.SuperHead(classes, dtype="float32")
+    run.super_head.build([None, cfg.model.fc_units])
+    run.variables = run.trunk.trainable_variables + run.super_head.trainable_variables
+    run.optimizer = optim.SGD(run.variables, cfg.train.lr, cfg.train.momentum,
+                              cfg.train.weight_decay)
+  run._train_loop = run._make_train_loop()
+  return run
+
+
+def throughput(cfg, steps, strategy=None, plain_classes=0):
+  """Examples per second per replica, the same fixed batch on every replica."""
+  strategy = strategy or tf.distribute.get_strategy()
+  run = trainer.Trainer(cfg, strategy)
+  if plain_classes:
+    run = plain_softmax(run, plain_classes)
   rng = np.random.default_rng(0)
   b = cfg.train.batch_per_replica
-  s = cfg.num_super_classes
+  classes = plain_classes or cfg.num_super_classes
   batch = {"image": rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
-           "super_class": (np.zeros(b) if plain else rng.integers(0, s, b)).astype(np.int32),
-           "sub_class": rng.integers(0, cfg.num_sub_classes, b).astype(np.int32),
+           "super_class": rng.integers(0, classes, b).astype(np.int32),
+           "sub_class": rng.integers(0, max(cfg.num_sub_classes, 1), b).astype(np.int32),
            "skipped": np.zeros(b, np.int64)}
-  it = iter(tf.data.Dataset.from_tensors(batch).repeat())
+  ds = tf.data.Dataset.from_tensors(batch).repeat()
+  it = iter(strategy.distribute_datasets_from_function(lambda ctx: ds))
   run._train_loop(it, tf.constant(5))  # trace + warm-up
   t = time.perf_counter()
   run._train_loop(it, tf.constant(steps))
@@ -66,16 +92,19 @@ def main():
   import tempfile
   tmp = tempfile.mkdtemp()
   hier = demo_config(tmp + "/h", m=4, k=1000)
-  results = {"batch": 64, "image_size": 32, "width": 0.25, "m": 4, "k": 1000}
-  results["hierarchical_group_examples_per_s"] = throughput(hier, args.steps)
-  results["hierarchical_gather_examples_per_s"] = throughput(
-      hier.replace(train={"sub_head_impl": "gather"}), args.steps)
-  plain = hier.replace(train={"mode": "deepcluster"}, clustering={"k": 4000})
-  results["plain_softmax_4000_examples_per_s"] = throughput(plain, args.steps, plain=True)
-  results["ratio_group_vs_plain"] = (results["hierarchical_group_examples_per_s"]
-                                     / results["plain_softmax_4000_examples_per_s"])
-  results["ratio_gather_vs_plain"] = (results["hierarchical_gather_examples_per_s"]
-                                      / results["plain_softmax_4000_examples_per_s"])
+  rotnet = hier.replace(train={"mode": "rotnet"})
+  results = {"batch_per_replica": 64, "image_size": 32, "width": 0.25, "m": 4, "k": 1000,
+             "plain_classes": 4000}
+  four = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(4)])
+  for name, strategy, batch in (("1_replica", None, 64), ("4_replicas", four, 16)):
+    h = hier.replace(train={"batch_per_replica": batch, "model_dir": f"{tmp}/h{name}"})
+    p = rotnet.replace(train={"batch_per_replica": batch, "model_dir": f"{tmp}/p{name}"})
+    hier_rate = throughput(h, args.steps, strategy)
+    plain_rate = throughput(p, args.steps, strategy, plain_classes=4000)
+    results[name] = {"batch_per_replica": batch,
+                     "hierarchical_examples_per_s_per_replica": hier_rate,
+                     "plain_softmax_4000_examples_per_s_per_replica": plain_rate,
+                     "ratio_hierarchical_vs_plain": hier_rate / plain_rate}
   reassign_s, stats = reassign_share(tmp + "/r")
   demo = demo_config(tmp + "/d")
   rate = throughput(demo, args.steps)

@@ -42,7 +42,7 @@ def test_two_worker_training_ends_with_identical_weights(tiny_shards, tmp_path):
   other = tf.train.latest_checkpoint(str(model_dir / "tmp" / "worker-1"))
   assert chief.rsplit("-", 1)[1] == other.rsplit("-", 1)[1]
   r1, r2 = tf.train.load_checkpoint(chief), tf.train.load_checkpoint(other)
-  names = [n for n, _ in tf.train.list_variables(chief) if n.startswith(("trunk/", "heads/", "table"))]
+  names = [n for n, _ in tf.train.list_variables(chief) if n.startswith(("trunk/", "super_head/", "table"))]
   assert len(names) > 20
   for n in names:
     np.testing.assert_array_equal(r1.get_tensor(n), r2.get_tensor(n), err_msg=n)

@@ -138,7 +138,9 @@ class Trainer:
     if self.sub_heads is not None:
       pieces = self.sub_heads.of_replica(int(tf.get_static_value(ctx.replica_id_in_sync_group)))
     piece_vars = [v for _, kernel, bias in pieces for v in (kernel, bias)]
-    gather = (lambda x: _dense_gradient(ctx.all_gather(x, axis=0))) if many else tf.identity
+    # tf.identity places each collective's input on this replica's device (MWMS needs one).
+    gather = (lambda x: _dense_gradient(ctx.all_gather(tf.identity(x), axis=0))) if many \
+        else tf.identity
     with tf.GradientTape() as tape:
       h = self._features(batch["image"])
       terms = losses.super_class_loss(self.super_head(h), batch["super_class"], n)
@@ -148,9 +150,10 @@ class Trainer:
         terms.update(losses.partitioned_sub_loss(
             h_all, super_all, sub_all, pieces, global_batch_size=n,
             sharded=self.placement.sharded,
-            cross_replica_max=lambda x: tf.reduce_max(ctx.all_gather(x[None], axis=0), axis=0),
+            cross_replica_max=lambda x: tf.reduce_max(
+                ctx.all_gather(tf.identity(x[None]), axis=0), axis=0),
             cross_replica_sum=lambda x: _dense_gradient(
-                ctx.all_reduce(tf.distribute.ReduceOp.SUM, x))))
+                ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(x)))))
       else:
         terms.update(sub_loss=tf.constant(0.0), sub_correct=tf.constant(0.0))
       terms["loss"] = terms["super_loss"] + terms["sub_loss"]

@@ -170,3 +170,41 @@ def test_kill_9_during_a_checkpoint_save_leaves_a_valid_checkpoint(tiny_shards, 
     reader.get_tensor(name)
   subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=400)
   assert _iterations(model_dir) == 12 and read_log(model_dir)[-1]["step"] == 12
+
+
+def test_resume_on_another_replica_count_recuts_the_sub_heads(tiny_shards, tmp_path):
+  """Written by 1 replica (one head of k=5 columns, DeepCluster mode), resumed on 2: each
+  replica takes its column shard of the saved head, momentum included."""
+  from conftest import cpu_strategy
+  cfg = tiny_config(tiny_shards, tmp_path / "rc", mode="deepcluster", epochs=1,
+                    knn_monitor=False).replace(clustering={"k": 5})
+  one = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  one.fit()
+  saved = {p.name: (k.numpy(), one.local_optimizer.slot(k).numpy())
+           for p, k, _ in one.sub_heads.of_replica(0)}
+  assert list(saved) == ["s0_c0-5"] and np.abs(saved["s0_c0-5"][1]).max() > 0
+  two = trainer.Trainer(cfg.replace(train={"batch_per_replica": 8}), cpu_strategy(2))
+  assert two.restore()
+  pieces = [p for r in (0, 1) for p in two.sub_heads.of_replica(r)]
+  assert [p.name for p, _, _ in pieces] == ["s0_c0-2", "s0_c2-5"]
+  kernel, momentum = saved["s0_c0-5"]
+  for p, k, _ in pieces:
+    np.testing.assert_array_equal(k.numpy(), kernel[:, p.start:p.stop])
+    np.testing.assert_array_equal(two.local_optimizer.slot(k).numpy(), momentum[:, p.start:p.stop])
+
+
+def test_resume_without_every_workers_pieces_is_refused_naming_both_counts(tmp_path):
+  """Only worker 0's file of a 2-replica run is readable here (no shared folder): a 1-replica
+  resume lacks the other half of the head and says so."""
+  from dc_tf.placement import HeadPlacement
+  from dc_tf.training import checkpointing
+  placement = HeadPlacement(1, 6, 2)
+  mine = {p.name: {"kernel": tf.Variable(tf.ones([4, p.width]))} for p in placement.pieces(0)}
+  checkpointing.save_pieces(str(tmp_path), 0, 7, mine, num_replicas=2, keep=1)
+  want = {"s0_c0-6": {"kernel": tf.Variable(tf.zeros([4, 6]))}}
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"columns 3\.\.5 of sub-head 0.*written by 2 replicas, this run has 1"):
+    checkpointing.restore_pieces(str(tmp_path), 7, want, num_replicas=1)
+  half = {"s0_c0-3": {"kernel": tf.Variable(tf.zeros([4, 3]))}}
+  checkpointing.restore_pieces(str(tmp_path), 7, half, num_replicas=1)
+  assert half["s0_c0-3"]["kernel"].numpy().min() == 1

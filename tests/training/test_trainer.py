@@ -94,7 +94,7 @@ def test_two_replicas_match_one_for_the_same_global_batch(tiny_shards, tmp_path)
   one = trainer.Trainer(cfg.replace(train={"batch_per_replica": 16}), tf.distribute.get_strategy())
   two = trainer.Trainer(cfg.replace(train={"batch_per_replica": 8, "model_dir": str(tmp_path / "r2")}),
                         two_cpu_strategy())
-  for a, b in zip(one.trunk.weights + one.heads.weights, two.trunk.weights + two.heads.weights):
+  for a, b in zip(one.trunk.weights + one.super_head.weights, two.trunk.weights + two.super_head.weights):
     b.assign(a)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
@@ -117,7 +117,7 @@ def test_jit_compile_trains_the_same_weights(tiny_shards, tmp_path):
   xla = trainer.Trainer(cfg.replace(train={"jit_compile": True,
                                            "model_dir": str(tmp_path / "xla")}),
                         tf.distribute.get_strategy())
-  for a, b in zip(plain.trunk.weights + plain.heads.weights, xla.trunk.weights + xla.heads.weights):
+  for a, b in zip(plain.trunk.weights + plain.super_head.weights, xla.trunk.weights + xla.super_head.weights):
     b.assign(a)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
@@ -142,7 +142,7 @@ def test_mixed_precision_trunk_in_bfloat16_tracks_float32(tiny_shards, tmp_path)
                           tf.distribute.get_strategy())
   assert keras.config.dtype_policy().name == "float32"  # not leaked to the process
   assert {v.dtype for v in mixed.variables} == {"float32"}
-  for a, b in zip(f32.trunk.weights + f32.heads.weights, mixed.trunk.weights + mixed.heads.weights):
+  for a, b in zip(f32.trunk.weights + f32.super_head.weights, mixed.trunk.weights + mixed.super_head.weights):
     b.assign(a)
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(0, 255, size=(16, 32, 32, 3)).astype(np.float32),
@@ -168,11 +168,25 @@ def _train_cmd(data, model_dir, *extra):
           *extra]
 
 
+def final_weights(model_dir):
+  """Trunk, V and every sub-head piece of a run's last checkpoint."""
+  from dc_tf.training.checkpointing import SUBHEADS
+  ckpt = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
+  step = ckpt.rsplit("-", 1)[1]
+  out = {}
+  for prefix in [ckpt] + [p[:-len(".index")] for p in tf.io.gfile.glob(
+      os.path.join(model_dir, SUBHEADS, "*", f"ckpt-{step}.index"))]:
+    reader = tf.train.load_checkpoint(prefix)
+    out.update({n: reader.get_tensor(n) for n, _ in tf.train.list_variables(prefix)
+                if n.startswith(("trunk/", "super_head/", "pieces/"))})
+  return out
+
+
 @pytest.mark.slow
-def test_kill_9_mid_epoch_then_resume(tiny_shards, tmp_path):
+def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(tiny_shards, tmp_path):
   model_dir = str(tmp_path / "killed")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  cmd = _train_cmd(tiny_shards, model_dir, "--epochs=3")
+  cmd = _train_cmd(tiny_shards, model_dir, "--epochs=3", "--dropout=0")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   ckpt_dir = os.path.join(model_dir, "ckpt")
@@ -194,6 +208,14 @@ def test_kill_9_mid_epoch_then_resume(tiny_shards, tmp_path):
   reassigned = [r["epoch"] for r in after if r["event"] == "reassign"]
   assert 0 not in reassigned
   assert os.path.isfile(os.path.join(model_dir, "export", "model_card.json"))
+  # The same command, never interrupted, ends with the same trunk, V and sub-heads.
+  clean_dir = str(tmp_path / "clean")
+  subprocess.run(_train_cmd(tiny_shards, clean_dir, "--epochs=3", "--dropout=0"), env=env,
+                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=400)
+  resumed, clean = final_weights(model_dir), final_weights(clean_dir)
+  assert resumed.keys() == clean.keys() and any(n.startswith("pieces/") for n in clean)
+  for name in clean:
+    np.testing.assert_allclose(resumed[name], clean[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_rotation_warmup_then_clustering(tiny_shards, tmp_path):
