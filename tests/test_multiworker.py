@@ -73,3 +73,43 @@ def test_bad_records_on_one_worker_keep_workers_in_step(tmp_path, example):
   chief = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
   other = tf.train.latest_checkpoint(str(model_dir / "tmp" / "worker-1"))
   assert chief.rsplit("-", 1)[1] == other.rsplit("-", 1)[1] == str(log[-1]["step"])
+
+
+def test_worker_index_counts_a_chief_once():
+  from types import SimpleNamespace
+  from dc_tf import distribute as dist
+  from workers import tf_config
+
+  def fake(cfg):
+    spec = tf.train.ClusterSpec(cfg["cluster"])
+    resolver = SimpleNamespace(task_type=cfg["task"]["type"], task_id=cfg["task"]["index"],
+                               cluster_spec=lambda: spec)
+    return SimpleNamespace(cluster_resolver=resolver)
+  addresses = ["a:1", "b:2", "c:3"]
+  assert [dist.worker_index(fake(tf_config(addresses, i, chief=True))) for i in range(3)] == [0, 1, 2]
+  assert [dist.worker_index(fake(tf_config(addresses, i))) for i in range(3)] == [0, 1, 2]
+  assert [dist.is_chief(fake(tf_config(addresses, i, chief=True))) for i in range(3)] == [True, False, False]
+  evaluator = fake({"cluster": {"worker": addresses}, "task": {"type": "evaluator", "index": 0}})
+  with pytest.raises(ValueError, match="evaluator"):
+    dist.worker_index(evaluator)
+
+
+def test_chief_and_worker_build_the_table_of_two_plain_workers(tiny_shards, tmp_path):
+  """Chief + 1 worker read disjoint shards (a chief counted as worker 0 would read shards 0
+  and 2 twice) and build the same id -> cluster table as 2 plain workers."""
+  def cmd(model_dir):
+    return [os.path.join(REPO, "train.py"), f"--data_pattern={tiny_shards}",
+            f"--model_dir={model_dir}", "--image_size=32", "--width=0.125", "--fc_dim=32",
+            "--m=2", "--k=3", "--pca_dim=8", "--kmeans_iters=3", "--batch_per_replica=8",
+            "--epochs=1", "--epoch_size=16", "--knn_monitor=false", "--rotnet_warmup_epochs=0",
+            "--collective_timeout=120"]
+  tables = []
+  for name, chief in (("plain", False), ("chief", True)):
+    run_workers(lambda i: cmd(tmp_path / name), chief=chief)
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / name / "ckpt")))
+    tables.append([reader.get_tensor(f"table_{c}/.ATTRIBUTES/VARIABLE_VALUE")
+                   for c in ("ids", "super", "sub")])
+    assert os.path.isdir(tmp_path / name / "tmp" / "worker-1")   # the non-chief's copy
+  assert len(tables[0][0]) == 48 == len(np.unique(tables[1][0]))
+  for a, b in zip(*tables):
+    np.testing.assert_array_equal(a, b)

@@ -18,13 +18,22 @@ def free_ports(n):
   return ports
 
 
-def start_workers(args, n=2):
-  """Starts n worker processes running `python args(i)`; output goes to a temp file each."""
+def tf_config(addresses, i, chief=False):
+  """TF_CONFIG of process i: all workers, or (chief=True) process 0 as the chief."""
+  if not chief:
+    return {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}}
+  task = {"type": "chief", "index": 0} if i == 0 else {"type": "worker", "index": i - 1}
+  return {"cluster": {"chief": addresses[:1], "worker": addresses[1:]}, "task": task}
+
+
+def start_workers(args, n=2, chief=False):
+  """Starts n worker processes running `python args(i)`; output goes to a temp file each.
+  With chief=True, process 0 is TF_CONFIG's chief and the others its workers."""
   workers = [f"127.0.0.1:{p}" for p in free_ports(n)]
   procs = []
   for i in range(n):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               TF_CONFIG=json.dumps(tf_config(workers, i, chief)))
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"worker-{os.getpid()}-{time.time_ns()}-{i}.log"), "w+")
     p = subprocess.Popen([sys.executable, *args(i)], env=env, stdout=log, stderr=subprocess.STDOUT)
     p.log = log
@@ -51,8 +60,8 @@ def wait_all(procs, timeout=420):
   return [p.returncode for p in procs], [output(p) for p in procs]
 
 
-def run_workers(args, timeout=420, n=2):
-  codes, outs = wait_all(start_workers(args, n), timeout)
+def run_workers(args, timeout=420, n=2, chief=False):
+  codes, outs = wait_all(start_workers(args, n, chief), timeout)
   for code, out in zip(codes, outs):
     assert code == 0, out[-3000:]
   return outs

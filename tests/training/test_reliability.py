@@ -208,3 +208,21 @@ def test_resume_without_every_workers_pieces_is_refused_naming_both_counts(tmp_p
   half = {"s0_c0-3": {"kernel": tf.Variable(tf.zeros([4, 3]))}}
   checkpointing.restore_pieces(str(tmp_path), 7, half, num_replicas=1)
   assert half["s0_c0-3"]["kernel"].numpy().min() == 1
+
+
+def test_init_checkpoint_restores_every_trunk_variable_or_names_what_is_wrong(tiny_shards, tmp_path):
+  from dc_tf.models import vgg
+  from dc_tf.training import checkpointing
+  cfg = tiny_config(tiny_shards, tmp_path / "src", mode="rotnet")
+  source = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  source._save()
+  same = vgg.build_trunk(32, 0.125, 32)
+  checkpointing.restore_trunk(same, str(tmp_path / "src"))
+  for a, b in zip(source.trunk.weights, same.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  wider = vgg.build_trunk(32, 0.25, 32)     # another architecture: shapes differ
+  with pytest.raises(checkpointing.CheckpointError, match="does not fit this trunk.*shape"):
+    checkpointing.restore_trunk(wider, str(tmp_path / "src"))
+  tf.train.Checkpoint(step=tf.Variable(3, dtype=tf.int64)).save(str(tmp_path / "bare" / "ckpt"))
+  with pytest.raises(checkpointing.CheckpointError, match="has no value for.*conv1_conv"):
+    checkpointing.restore_trunk(same, str(tmp_path / "bare"))

@@ -226,3 +226,66 @@ def test_rotation_warmup_then_clustering(tiny_shards, tmp_path):
       ("epoch", 0), ("reassign", 1), ("epoch", 1), ("epoch", 2)]
   assert history[0]["sub_loss"] == 0 and history[0]["super_accuracy"] > 0
   assert history[2]["sub_loss"] > 0
+
+
+@pytest.mark.parametrize("local_replicas", [2, 4])
+def test_local_replicas_run_every_step_of_the_epoch(tiny_shards, tmp_path, local_replicas):
+  """Trainer.fit through distribute_datasets_from_function with G replicas in one worker: each
+  takes one batch per step, so the worker's dataset holds G batches per step (it used to
+  hold one per step, and the epoch stopped half-way with OutOfRangeError)."""
+  from conftest import cpu_strategy
+  cfg = tiny_config(tiny_shards, tmp_path / f"g{local_replicas}", mode="rotnet", epochs=1,
+                    knn_monitor=False, batch_per_replica=16 // local_replicas)
+  history = trainer.Trainer(cfg, cpu_strategy(local_replicas)).fit()
+  assert history[-1]["step"] == 48 * 4 // 16
+
+
+def test_a_workers_epoch_draws_the_plans_images(tiny_shards):
+  from dc_tf.data import reader, sampler
+  ids = reader.read_image_ids(tiny_shards)
+  labels = np.arange(len(ids)) % 5
+  mult = sampler.epoch_multiplicity(labels, len(ids), seed=0, epoch=1)
+  plan = reader.EpochPlan(ids, mult, np.zeros(len(ids), np.int32), labels.astype(np.int32))
+  g, b = 2, 8                               # 2 local replicas, 16 examples = 4 images per step
+  steps = len(ids) * 4 // (g * b)
+  ds = reader.build_train_dataset(tiny_shards, image_size=32, batch_size=b, steps=steps * g,
+                                  plan=plan, num_rotations=4, all_rotations=True, seed=0,
+                                  epoch=1)
+  drawn = np.concatenate([batch["image_id"].numpy() for batch in ds])
+  assert len(drawn) == steps * g * b
+  counts = {i: c // 4 for i, c in zip(*np.unique(drawn, return_counts=True))}
+  assert counts == {i: m for i, m in zip(ids, mult) if m}
+
+
+def test_resume_after_the_warmup_with_bad_records_keeps_epoch_and_lr(tiny_shards, tmp_path,
+                                                                     example, monkeypatch):
+  """4 undecodable records: the pool is 52 records before the first clustering and 48
+  images after it. A run stopped after the clustering resumes on the epochs and learning
+  rates of the uninterrupted run (steps per epoch and pool size come from the checkpoint)."""
+  import glob
+  import shutil
+  shards = tmp_path / "s"
+  shards.mkdir()
+  for f in glob.glob(tiny_shards):
+    shutil.copy(f, shards)
+  bad = str(shards / "train-00001-of-00004.tfrecord")
+  good = [r.numpy() for r in tf.data.TFRecordDataset(bad)]
+  with tf.io.TFRecordWriter(bad) as w:
+    for r in good:
+      w.write(r)
+    for i in range(4):
+      w.write(example(data=b"not an image", image_id=10**6 + i).SerializeToString())
+  cfg = tiny_config(str(shards / "train-*"), tmp_path / "clean", rotnet_warmup_epochs=1,
+                    epochs=3, knn_monitor=False, schedule="cosine")
+  clean = trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
+  stopped_cfg = cfg.replace(train={"model_dir": str(tmp_path / "stopped")})
+  run = trainer.Trainer(stopped_cfg, tf.distribute.get_strategy())
+  real = trainer.Trainer.should_stop
+  monkeypatch.setattr(trainer.Trainer, "should_stop", lambda self: real(self) or (
+      int(self.assignment_epoch.numpy()) >= 1 and int(self.step.numpy()) >= 15))
+  run.fit()
+  monkeypatch.setattr(trainer.Trainer, "should_stop", real)
+  resumed = trainer.Trainer(stopped_cfg, tf.distribute.get_strategy()).fit()
+  epochs = lambda h: [(r["epoch"], r["step"], r["lr"]) for r in h if r["event"] == "epoch"]  # noqa: E731
+  assert epochs(clean)[0][1] == 13                 # 52 records // 4 images per step
+  assert epochs(resumed) == epochs(clean)[1:]

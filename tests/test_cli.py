@@ -1,0 +1,52 @@
+"""The command line speaks plainly: a user error is one line, `error: ...`, exit status 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def run(script, *args):
+  env = dict(os.environ)
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)    # as a user's shell has it
+  return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True,
+                        text=True, timeout=180, env=env, cwd=REPO)
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.py", ["--epochs=0"], "error: --epochs must be >= 1, got 0"),
+    ("train.py", ["--epochs=many"], "error: flag --epochs=many"),
+    ("train.py", ["--data_pattern=/nonexistent/*"], "error: no shard file matches '/nonexistent/*'"),
+    ("evaluate.py", ["--checkpoint=/nothere"], "error: no checkpoint found at /nothere"),
+])
+def test_user_errors_are_one_line_and_exit_2(script, args, message):
+  out = run(script, *args)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  lines = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1 and lines[0].startswith(message), out.stderr[-2000:]
+
+
+def test_a_shard_of_random_bytes_is_named(tmp_path):
+  bad = tmp_path / "train-00000-of-00001.tfrecord"
+  bad.write_bytes(os.urandom(4096))
+  out = run("train.py", f"--data_pattern={bad}", "--mode=rotnet", f"--model_dir={tmp_path}/r")
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "1 corrupt shard file" in out.stderr and str(bad) in out.stderr, out.stderr[-2000:]
+
+
+def test_tensorflow_info_lines_are_hidden_unless_asked(tiny_shards, tmp_path):
+  args = [f"--data_pattern={tiny_shards}", f"--eval_pattern={tiny_shards}", "--mode=rotnet",
+          "--image_size=32", "--width=0.125", "--fc_dim=32", "--epochs=1", "--epoch_size=8",
+          "--batch_per_replica=8", "--knn_monitor=false"]
+  quiet = run("train.py", *args, f"--model_dir={tmp_path}/q")
+  assert quiet.returncode == 0, quiet.stderr[-2000:]
+  assert "functional_saver.py" not in quiet.stderr and "oneDNN" not in quiet.stderr
+  assert '"event": "epoch"' in quiet.stderr             # our own log lines stay
+  loud = run("train.py", *args, f"--model_dir={tmp_path}/l", "--verbosity=1")
+  assert "functional_saver.py" in loud.stderr or "checkpoint" in loud.stderr.lower()
