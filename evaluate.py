@@ -10,7 +10,9 @@ cluster NMI/ARI/purity, cluster pictures; optionally Pascal VOC 2007).
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+
+from dc_tf import cli
 
 flags.DEFINE_string("checkpoint", "runs/demo", "Training run dir, checkpoint prefix or export dir.")
 flags.DEFINE_string("train_data", "data/train-*.tfrecord", "Labelled shards to fit probes on.")
@@ -48,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

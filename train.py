@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from dc_tf import cli
 
@@ -74,4 +74,4 @@ if __name__ == "__main__":
   # With no flagfile given, the demo preset (embedded data, CPU-sized model) is used.
   if not any(a.startswith(("--flagfile", "-flagfile")) for a in sys.argv[1:]):
     sys.argv.insert(1, f"--flagfile={DEFAULT_FLAGFILE}")
-  app.run(main)
+  cli.run(main)

@@ -6,10 +6,14 @@ flagfile override it. `config_from_flags` is the only reader of FLAGS.
 
 from __future__ import annotations
 
-from absl import flags
+import logging
+import os
+import sys
+
+from absl import app, flags
 
 from dc_tf.config import (ClusteringConfig, DataConfig, ExperimentConfig, ModelConfig,
-                          TrainConfig, MODES)
+                          TrainConfig, MODES, UserError)
 
 FLAGS = flags.FLAGS
 _D, _M, _C, _T = DataConfig(), ModelConfig(), ClusteringConfig(), TrainConfig()
@@ -99,3 +103,42 @@ def config_from_flags() -> ExperimentConfig:
                         init_checkpoint=f.init_checkpoint, export_dir=f.export_dir,
                         knn_monitor=f.knn_monitor, collective_timeout=f.collective_timeout))
   return config.validate()
+
+
+def _error(message) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+class _HideLibraryInfo(logging.Filter):
+  """Drops INFO (and DEBUG) records logged from inside TensorFlow or Keras: they log through
+  the same absl handler as our own lines, so only where a record comes from tells them apart."""
+  LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("tensorflow", "keras", "tf_keras"))
+
+  def filter(self, record):
+    return record.levelno > logging.INFO or not any(p in record.pathname for p in self.LIBRARIES)
+
+
+def run(main) -> None:
+  """`app.run(main)` for our entry points: a bad flag or a `UserError` (bad value, missing
+  shards, missing or tampered checkpoint or export) prints one line, `error: ...`, and exits
+  with status 2, no traceback. TensorFlow's and Keras' own INFO lines (a saver line per
+  checkpoint, collective set-up, export fingerprints) are hidden unless --verbosity=1 or
+  more asks for them; our log lines and progress bars stay. (TF 2.21's two oneDNN start-up
+  notes are printed by C++ before any logging is set up: no setting hides them.)"""
+  def parse(argv):
+    try:
+      return FLAGS(argv)
+    except flags.Error as e:
+      _error(e)
+
+  def quiet_main(argv):
+    if FLAGS.verbosity < 1:
+      from absl import logging as absl_logging
+      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # C++ INFO and WARNING lines
+      absl_logging.get_absl_handler().addFilter(_HideLibraryInfo())
+    try:
+      return main(argv)
+    except UserError as e:
+      _error(e)
+  app.run(quiet_main, flags_parser=parse)

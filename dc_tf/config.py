@@ -21,7 +21,12 @@ MODES = ("deepercluster", "rotnet", "deepcluster")
 NUM_ROTATIONS = 4
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """Something the user can fix (a flag, a path, a file): the entry points print its message
+  as one line, `error: ...`, and exit with status 2, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
   """A configuration that cannot work; the message names the flag at fault."""
 
 
@@ -138,6 +143,7 @@ class ExperimentConfig:
         (c.kmeans_init in ("random", "kmeans++"), f"--kmeans_init: {c.kmeans_init!r}"),
         (t.batch_per_replica >= 1, "--batch_per_replica must be >= 1"),
         (t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}"),
+        (t.epoch_size >= 0, f"--epoch_size must be >= 0, got {t.epoch_size}"),
         (t.lr > 0, f"--lr must be > 0, got {t.lr}"),
         (t.schedule in ("constant", "cosine"), f"--schedule: {t.schedule!r}"),
         (t.cpu_replicas >= 0, f"--cpu_replicas must be >= 0, got {t.cpu_replicas}"),

@@ -23,12 +23,13 @@ import os
 import keras
 import tensorflow as tf
 
+from dc_tf.config import UserError
 from dc_tf.data import preprocess
 
 DEFAULT_CONV_ENDPOINTS = ("conv4", "conv7", "conv10", "conv13")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
   """A missing, corrupt or tampered export; the message names the directory."""
 
 

@@ -20,9 +20,15 @@ _STRATEGIES = {}
 
 def cpu_strategy(n):
   """One MirroredStrategy over n logical CPUs, shared by all tests: strategies created side
-  by side in one process reuse collective instance keys."""
+  by side in one process reuse collective instance keys, and strategies of different sizes
+  would join the same collective groups, so each size gets its own key base (the class
+  attribute TF keeps for tests)."""
   if n not in _STRATEGIES:
-    _STRATEGIES[n] = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
+    tf.distribute.MirroredStrategy._collective_key_base = 10_000 * n
+    try:
+      _STRATEGIES[n] = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
+    finally:
+      tf.distribute.MirroredStrategy._collective_key_base = 0
   return _STRATEGIES[n]
 
 

@@ -22,7 +22,7 @@ def run(script, *args):
     ("train.py", ["--epochs=0"], "error: --epochs must be >= 1, got 0"),
     ("train.py", ["--epochs=many"], "error: flag --epochs=many"),
     ("train.py", ["--data_pattern=/nonexistent/*"], "error: no shard file matches '/nonexistent/*'"),
-    ("evaluate.py", ["--checkpoint=/nothere"], "error: no checkpoint found at /nothere"),
+    ("evaluate.py", ["--checkpoint=/nothere"], "error: checkpoint or export not found: /nothere"),
 ])
 def test_user_errors_are_one_line_and_exit_2(script, args, message):
   out = run(script, *args)
@@ -46,7 +46,7 @@ def test_tensorflow_info_lines_are_hidden_unless_asked(tiny_shards, tmp_path):
           "--batch_per_replica=8", "--knn_monitor=false"]
   quiet = run("train.py", *args, f"--model_dir={tmp_path}/q")
   assert quiet.returncode == 0, quiet.stderr[-2000:]
-  assert "functional_saver.py" not in quiet.stderr and "oneDNN" not in quiet.stderr
+  assert "functional_saver.py" not in quiet.stderr and "fingerprint" not in quiet.stderr
   assert '"event": "epoch"' in quiet.stderr             # our own log lines stay
   loud = run("train.py", *args, f"--model_dir={tmp_path}/l", "--verbosity=1")
-  assert "functional_saver.py" in loud.stderr or "checkpoint" in loud.stderr.lower()
+  assert "functional_saver.py" in loud.stderr

@@ -50,7 +50,11 @@ def extract(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
       break
   bar.close()
   if not cols["image_id"]:
-    raise reader.DataError(f"no decodable image in {pattern!r} ({skipped} bad records skipped)")
+    corrupt = reader.corrupt_shards(reader.list_shards(pattern))
+    detail = (f"; {len(corrupt)} corrupt shard file(s), not TFRecord or damaged: "
+              f"{', '.join(corrupt[:5])}{' ...' if len(corrupt) > 5 else ''}" if corrupt else "")
+    raise reader.DataError(f"no decodable image in {pattern!r} ({skipped} bad records "
+                           f"skipped{detail})")
   out = {k: np.concatenate(v) for k, v in cols.items()}
   if max_images:
     out = {k: v[:max_images] for k, v in out.items()}

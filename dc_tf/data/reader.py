@@ -17,12 +17,13 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from dc_tf.config import UserError
 from dc_tf.data import decoder, preprocess
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Missing or unusable input; the message names the pattern or file."""
 
 
@@ -39,6 +40,20 @@ def list_shards(pattern: str) -> list[str]:
   for f in empty:
     logging.warning("empty shard file (no records): %s", f)
   return files
+
+
+def corrupt_shards(files: list[str]) -> list[str]:
+  """The shard files whose first record cannot be read: not a TFRecord file, or framing
+  damaged from the start. (A file damaged later yields its readable records; tf.data logs
+  the rest.)"""
+  bad = []
+  for f in files:
+    try:
+      for _ in tf.data.TFRecordDataset(f).take(1):
+        pass
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError):
+      bad.append(f)
+  return bad
 
 
 def _shard_files(files: list[str], ctx: tf.distribute.InputContext | None) -> tf.data.Dataset:

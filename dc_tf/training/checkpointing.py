@@ -20,7 +20,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from dc_tf.config import ExperimentConfig
+from dc_tf.config import ExperimentConfig, UserError
 from dc_tf.models import vgg
 from dc_tf.placement import Piece
 
@@ -28,7 +28,7 @@ SUBHEADS = "subheads"
 PIECE_FIELDS = ("kernel", "bias", "kernel_momentum", "bias_momentum")
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(UserError, FileNotFoundError):
   """No usable checkpoint; the message names the directory."""
 
 
@@ -59,9 +59,26 @@ def latest_checkpoint(path: str) -> str:
 
 
 def restore_trunk(trunk, path: str) -> int:
-  """Restores only the trunk's weights from a run's checkpoint; returns its step."""
+  """Restores every trunk variable from a run's checkpoint (the rest of it, heads and
+  optimizer, is ignored); returns its step. A checkpoint of another architecture, or one
+  without some trunk variable, is refused with the variables named."""
+  prefix = latest_checkpoint(path)
   step = tf.Variable(0, dtype=tf.int64)
-  tf.train.Checkpoint(trunk=trunk, step=step).restore(latest_checkpoint(path)).expect_partial()
+  try:
+    status = tf.train.Checkpoint(trunk=trunk, step=step).restore(prefix)
+  except ValueError as e:   # shapes differ: another width, fc_dim, image size or Sobel
+    raise CheckpointError(f"{prefix} does not fit this trunk ({trunk.name}, "
+                          f"{trunk.count_params():,} parameters): {str(e).splitlines()[0]}") from e
+  status.expect_partial()
+  try:
+    status.assert_existing_objects_matched()
+  except AssertionError as e:
+    found = re.search(r"Found (\d+) Python objects", str(e))
+    names = re.findall(r"path=([^,\s]+)", str(e))
+    raise CheckpointError(
+        f"{prefix} has no value for {found.group(1) if found else 'some'} of the trunk's "
+        f"{len(trunk.weights)} variables (e.g. {', '.join(names[:5]) or 'see the log'}): it is "
+        "not a checkpoint of this architecture") from e
   return int(step.numpy())
 
 

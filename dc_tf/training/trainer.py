@@ -80,6 +80,12 @@ class Trainer:
       # The step -> (epoch, position) mapping depends on the global batch: a run resumed
       # with another one would be silently misaligned, so it is saved and checked.
       self.saved_global_batch = tf.Variable(self.global_batch, dtype=tf.int64, trainable=False)
+      # What an epoch is, fixed at the run's first start and restored on resume: the pool
+      # is the record count before the first clustering and the table's size after it (bad
+      # records drop out), so recomputing it would shift the epoch and lr of a resumed run.
+      self.epoch_images = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.steps_per_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.sampling_seed = tf.Variable(t.seed, dtype=tf.int64, trainable=False)
     # Sub-heads: each replica holds only its pieces (dc_tf.placement), created on its own
     # device outside the strategy's scope, with their momentum beside them.
     self.placement = placement_lib.HeadPlacement(
@@ -100,7 +106,8 @@ class Trainer:
     self.table_super = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
     self.table_sub = tf.Variable(np.zeros([0], np.int32), shape=none, trainable=False)
     self.checkpoint = tf.train.Checkpoint(
-        global_batch=self.saved_global_batch,
+        global_batch=self.saved_global_batch, epoch_images=self.epoch_images,
+        steps_per_epoch=self.steps_per_epoch, sampling_seed=self.sampling_seed,
         trunk=self.trunk, super_head=self.super_head, optimizer=self.optimizer, step=self.step,
         table_ids=self.table_ids, table_super=self.table_super, table_sub=self.table_sub,
         assignment_epoch=self.assignment_epoch)
@@ -303,7 +310,7 @@ class Trainer:
       saved = tf.train.load_checkpoint(latest)
       key = "global_batch/.ATTRIBUTES/VARIABLE_VALUE"
       if saved.has_tensor(key) and int(saved.get_tensor(key)) != self.global_batch:
-        raise RuntimeError(
+        raise checkpointing.CheckpointError(
             f"{latest} was written with a global batch of {int(saved.get_tensor(key))}; this run "
             f"has {self.global_batch} ({self.strategy.num_replicas_in_sync} replicas x "
             f"--batch_per_replica={self.config.train.batch_per_replica}). Resuming would misalign "
@@ -338,7 +345,7 @@ class Trainer:
     n = self.strategy.num_replicas_in_sync
     if not np.allclose(n * total[3:], total[:3] ** 2, rtol=0, atol=0.5):
       mean = total[:3] / n
-      raise RuntimeError(
+      raise checkpointing.CheckpointError(
           f"workers resumed from different checkpoints: worker {dist.worker_index(self.strategy)} "
           f"has step {int(mine[0])}, assignment epoch {int(mine[1])}, {int(mine[2])} table rows; "
           f"the mean over workers is step {mean[0]:.1f}. Make the chief's "
@@ -379,12 +386,12 @@ class Trainer:
     if cfg.uses_clustering and not warmup and int(self.assignment_epoch.numpy()) < 0:
       self._log(self.reassign(0))
       self._save()
-    pool = self._pool_size()
-    if t.epoch_size and t.epoch_size < 1:
-      raise ValueError("--epoch_size must be >= 0")
-    epoch_images = t.epoch_size or pool
-    per_step = self.global_batch // cfg.num_rotations if t.all_rotations else self.global_batch
-    steps_per_epoch = max(1, epoch_images // max(per_step, 1))
+    if not int(self.steps_per_epoch.numpy()):
+      epoch_images = t.epoch_size or self._pool_size()
+      per_step = self.global_batch // cfg.num_rotations if t.all_rotations else self.global_batch
+      self.epoch_images.assign(epoch_images)
+      self.steps_per_epoch.assign(max(1, epoch_images // max(per_step, 1)))
+    steps_per_epoch = int(self.steps_per_epoch.numpy())
     total_steps = steps_per_epoch * t.epochs
     lrs = losses.learning_rates(total_steps, t.lr, int(t.warmup_epochs * steps_per_epoch),
                                 t.schedule)
@@ -414,16 +421,14 @@ class Trainer:
       return None  # RotNet, or the rotation warm-up: every image once, no sub-class
     cfg = self.config
     labels = self.table_super.numpy().astype(np.int64) * cfg.clustering.k + self.table_sub.numpy()
-    mult = sampler.epoch_multiplicity(labels, epoch_images, cfg.train.seed, epoch,
+    mult = sampler.epoch_multiplicity(labels, epoch_images, int(self.sampling_seed.numpy()), epoch,
                                       uniform=cfg.train.uniform_sampler)
     return reader.EpochPlan(self.table_ids.numpy(), mult, self.table_super.numpy(),
                             self.table_sub.numpy())
 
   def _train_epoch(self, epoch, done, steps_per_epoch, lrs) -> dict:
     cfg, t = self.config, self.config.train
-    pool = self._pool_size()
-    epoch_images = t.epoch_size or pool
-    plan = self._plan(epoch, epoch_images)
+    plan = self._plan(epoch, int(self.epoch_images.numpy()))
 
     # One dataset per worker, and each of its G local replicas takes one batch per step:
     # the worker's dataset holds G batches per step.
@@ -434,7 +439,8 @@ class Trainer:
           cfg.data.data_pattern, image_size=cfg.model.image_size,
           batch_size=ctx.get_per_replica_batch_size(self.global_batch),
           steps=steps_per_epoch * n_local, plan=plan, num_rotations=cfg.num_rotations,
-          all_rotations=t.all_rotations, seed=t.seed, epoch=epoch, skip_steps=done * n_local,
+          all_rotations=t.all_rotations, seed=int(self.sampling_seed.numpy()), epoch=epoch,
+          skip_steps=done * n_local,
           crop_scale_min=cfg.data.crop_scale_min,
           shuffle_buffer=cfg.data.shuffle_buffer, input_context=ctx)
 
@@ -476,6 +482,7 @@ class Trainer:
     bar.close()
     examples = max(seen * self.global_batch, 1)
     record = {"event": "epoch", "epoch": epoch, "step": int(self.step.numpy()),
+              "lr": float(lrs[min(epoch * steps_per_epoch, len(lrs) - 1)]),
               "examples_seen": int(self.step.numpy()) * self.global_batch,
               "seconds": round(time.time() - t0, 2),
               "images_per_second": round(examples / max(time.time() - t0, 1e-9), 1),

@@ -224,5 +224,5 @@ def test_init_checkpoint_restores_every_trunk_variable_or_names_what_is_wrong(ti
   with pytest.raises(checkpointing.CheckpointError, match="does not fit this trunk.*shape"):
     checkpointing.restore_trunk(wider, str(tmp_path / "src"))
   tf.train.Checkpoint(step=tf.Variable(3, dtype=tf.int64)).save(str(tmp_path / "bare" / "ckpt"))
-  with pytest.raises(checkpointing.CheckpointError, match="has no value for.*conv1_conv"):
+  with pytest.raises(checkpointing.CheckpointError, match=r"has no value for 84 of the trunk.s 84 variables"):
     checkpointing.restore_trunk(same, str(tmp_path / "bare"))
