@@ -40,8 +40,7 @@ def main(argv):
     print_plan(config)
     return
   reader.list_shards(config.data.data_pattern)  # fail fast, naming the pattern
-  strategy = distribute.make_strategy(config.train.collective_timeout,
-                                     config.train.cpu_replicas)
+  strategy = distribute.make_strategy(config.train.cpu_replicas)
   logging.info("config:\n%s", config.to_json())
   logging.info("strategy %s, %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
   checkpointing.write_config(config.train.model_dir, config)

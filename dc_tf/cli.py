@@ -66,9 +66,15 @@ def define_train_flags() -> None:
   flags.DEFINE_bool("mixed_precision", _T.mixed_precision, "Trunk in mixed bfloat16 (GPU/TPU); float32 variables, heads and loss.")
   flags.DEFINE_bool("jit_compile", _T.jit_compile, "XLA-compile the forward and backward pass (GPU; see benchmarks/train_step.py for CPU).")
   flags.DEFINE_string("init_checkpoint", _T.init_checkpoint, "Start the trunk from this run/ckpt.")
+  flags.DEFINE_bool("require_init_checkpoint", _T.require_init_checkpoint,
+                    "Refuse to start from random weights: a new run needs --init_checkpoint "
+                    "(the paper's DeeperCluster starts from RotNet).")
   flags.DEFINE_string("export_dir", _T.export_dir, "Export here at the end ('' = MODEL_DIR/export).")
   flags.DEFINE_bool("knn_monitor", _T.knn_monitor, "kNN on --eval_pattern at each reassignment.")
-  flags.DEFINE_float("collective_timeout", _T.collective_timeout, "Seconds; 0 = wait forever.")
+  flags.DEFINE_float("collective_timeout", _T.collective_timeout,
+                     "Multi-worker: a worker whose collectives make no progress for this many "
+                     "seconds (a stopped or dead peer) exits non-zero; 0 = wait forever. Set it "
+                     "above the time of one loop of --steps_per_loop steps.")
   flags.DEFINE_float("max_minutes", 0.0, "Stop (resumably) after this many minutes; 0 = no limit.")
   # --plan: print the memory plan for a layout and exit, allocating nothing
   flags.DEFINE_bool("plan", False, "Print the memory plan (per replica and per worker) and exit.")
@@ -100,7 +106,8 @@ def config_from_flags() -> ExperimentConfig:
                         checkpoint_every=f.checkpoint_every,
                         keep_checkpoints=f.keep_checkpoints, seed=f.seed,
                         mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
-                        init_checkpoint=f.init_checkpoint, export_dir=f.export_dir,
+                        init_checkpoint=f.init_checkpoint,
+                        require_init_checkpoint=f.require_init_checkpoint, export_dir=f.export_dir,
                         knn_monitor=f.knn_monitor, collective_timeout=f.collective_timeout))
   return config.validate()
 

@@ -90,9 +90,10 @@ class TrainConfig:
   mixed_precision: bool = False
   jit_compile: bool = False
   init_checkpoint: str = ""
+  require_init_checkpoint: bool = False  # refuse to start from random weights (paper preset)
   export_dir: str = ""
   knn_monitor: bool = True            # quick kNN on eval_pattern at each reassignment
-  collective_timeout: float = 0.0     # seconds; 0 = TF default (wait forever)
+  collective_timeout: float = 0.0     # seconds without collective progress; 0 = wait forever
 
 
 @dataclasses.dataclass(frozen=True)

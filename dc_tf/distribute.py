@@ -14,8 +14,13 @@ replaced with the logical CPUs (a private hook of TF 2.21, used for CPU replicas
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
+import threading
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -56,13 +61,10 @@ def _mwms_with_cpu_replicas(n: int, options):
     extended._initialize_local_devices = original
 
 
-def make_strategy(collective_timeout: float = 0.0, cpu_replicas: int = 0
-                  ) -> tf.distribute.Strategy:
-  """The strategy for this process. `collective_timeout` (seconds, 0 = none) makes a
-  collective fail instead of hanging when a peer is stopped or gone; `cpu_replicas` > 1:
-  that many replicas per worker on logical CPU devices (testing aid, see above)."""
-  options = tf.distribute.experimental.CommunicationOptions(
-      timeout_seconds=collective_timeout or None)
+def make_strategy(cpu_replicas: int = 0) -> tf.distribute.Strategy:
+  """The strategy for this process; `cpu_replicas` > 1: that many replicas per worker on
+  logical CPU devices (testing aid, see above). A stopped peer is caught by `Watchdog`."""
+  options = tf.distribute.experimental.CommunicationOptions()
   if cpu_replicas > 1:
     devices = use_cpu_replicas(cpu_replicas)
     if num_workers_in_tf_config() > 1:
@@ -135,3 +137,69 @@ def all_local(strategy, value) -> list[np.ndarray]:
 def split_local(strategy, array: np.ndarray) -> list[np.ndarray]:
   """Splits this worker's rows between its local replicas."""
   return list(np.array_split(array, num_local_replicas(strategy)))
+
+
+class Watchdog:
+  """The stuck-peer guard: a worker whose collective makes no progress for `timeout` seconds
+  (a peer stopped, dead or unreachable) exits non-zero instead of waiting forever.
+
+  One thread for the whole process, armed only around calls that hold collectives
+  (`expect`) and pushed back by `beat` (each k-means iteration). TensorFlow's own
+  per-collective timeout (CommunicationOptions.timeout_seconds) starts a timer thread per
+  collective call, each living for the whole timeout; at a few hundred collectives a second
+  they exhaust the process's threads ("std::system_error: Resource temporarily
+  unavailable", issue 16), so it is not used.
+
+  Args:
+    timeout: seconds; 0 disables the guard (every method is then a no-op).
+    describe: the worker's name for the message, e.g. "worker 0 of 2".
+  """
+
+  EXIT_CODE = 3
+
+  def __init__(self, timeout: float, describe: str = "worker"):
+    self.timeout, self.describe = timeout, describe
+    self._deadline: float | None = None
+    self._what = ""
+    self._lock = threading.Lock()
+    if timeout:
+      threading.Thread(target=self._watch, daemon=True, name="collective-watchdog").start()
+
+  @contextlib.contextmanager
+  def expect(self, what: str, grace: float = 1.0):
+    """Arms the guard for a call that holds collectives; `grace` multiplies the timeout (a
+    first call traces and compiles before its first collective)."""
+    if not self.timeout:
+      yield
+      return
+    with self._lock:
+      outer = (self._deadline, self._what)
+      self._deadline, self._what = time.monotonic() + grace * self.timeout, what
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._deadline, self._what = outer if outer[0] is None else (
+            time.monotonic() + self.timeout, outer[1])
+
+  def beat(self) -> None:
+    """Progress inside an armed call: the deadline moves to `timeout` from now."""
+    with self._lock:
+      if self._deadline is not None:
+        self._deadline = max(self._deadline, time.monotonic() + self.timeout)
+
+  def _watch(self) -> None:
+    period = min(1.0, self.timeout / 20)
+    while True:
+      time.sleep(period)
+      with self._lock:
+        late = self._deadline is not None and time.monotonic() > self._deadline
+        what = self._what
+      if late:
+        message = (f"{self.describe}: a collective failed: no progress in {what} for "
+                   f"{self.timeout:g} s (--collective_timeout): a peer worker is stopped, dead, "
+                   "crashed or unreachable. Restart every worker with the same command: "
+                   "training resumes from the last checkpoint in --model_dir.")
+        logging.error("%s", message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(self.EXIT_CODE)

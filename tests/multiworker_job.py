@@ -24,7 +24,7 @@ def fixed_data(n=900, d=8, seed=0):
 
 def kmeans_job(out_path):
   from dc_tf.clustering import hierarchy
-  strategy = dist.make_strategy(collective_timeout=120)
+  strategy = dist.make_strategy()
   x, ids = fixed_data()
   w, n_workers = dist.worker_index(strategy), strategy.num_replicas_in_sync
   rows = np.array_split(np.arange(len(x)), n_workers)[w]
@@ -79,7 +79,7 @@ def three_steps(run, batch, init=None):
 
 def steps_job(init_path, out_prefix):
   from dc_tf.training import trainer
-  strategy = dist.make_strategy(collective_timeout=120, cpu_replicas=2)
+  strategy = dist.make_strategy(cpu_replicas=2)
   assert strategy.num_replicas_in_sync == 4, strategy.num_replicas_in_sync
   init = np.load(init_path)
   for mode in MODES:

@@ -50,3 +50,40 @@ def test_tensorflow_info_lines_are_hidden_unless_asked(tiny_shards, tmp_path):
   assert '"event": "epoch"' in quiet.stderr             # our own log lines stay
   loud = run("train.py", *args, f"--model_dir={tmp_path}/l", "--verbosity=1")
   assert "functional_saver.py" in loud.stderr
+
+
+def preset(name):
+  """{flag: value} of a flagfile in flags/ (comments skipped) and its comment text."""
+  values, comment = {}, []
+  for line in open(os.path.join(REPO, "flags", name)):
+    line = line.strip()
+    if line.startswith("#"):
+      comment.append(line)
+    elif line.startswith("--"):
+      key, _, value = line[2:].partition("=")
+      values[key] = value
+  return values, "\n".join(comment)
+
+
+def test_the_paper_presets_are_what_the_original_ran():
+  """The original's latest main.sh: --pretrained (RotNet) --dim_pca 4096 --super_classes 16
+  --k 320000 --niter 10 --reassignment 3 --nepochs 100 --batch_size 48 --lr 0.1 --wd 0.00001."""
+  deeper, _ = preset("deepercluster_yfcc100m.cfg")
+  assert {k: deeper[k] for k in ("pca_dim", "m", "k", "kmeans_iters", "reassign_every", "epochs",
+                                 "batch_per_replica", "lr", "weight_decay",
+                                 "require_init_checkpoint")} == {
+      "pca_dim": "4096", "m": "4", "k": "80000", "kmeans_iters": "10", "reassign_every": "3",
+      "epochs": "100", "batch_per_replica": "48", "lr": "0.1", "weight_decay": "1e-5",
+      "require_init_checkpoint": "true"}
+  for name in ("deepcluster_yfcc100m.cfg", "rotnet_yfcc100m.cfg", "deepercluster_yfcc100m.cfg"):
+    values, comment = preset(name)
+    assert f"T={values['reassign_every']}" in comment, name
+
+
+def test_the_deepercluster_preset_refuses_random_weights_unless_asked(tiny_shards, tmp_path):
+  small = [f"--data_pattern={tiny_shards}", "--image_size=32", "--width=0.125", "--fc_dim=32",
+           "--k=3", "--pca_dim=8", "--epochs=1", "--epoch_size=8", "--batch_per_replica=8"]
+  out = run("train.py", f"--flagfile={REPO}/flags/deepercluster_yfcc100m.cfg", *small,
+            f"--model_dir={tmp_path}/r")
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "--init_checkpoint" in out.stderr and "--require_init_checkpoint=false" in out.stderr

@@ -71,17 +71,18 @@ def gather_table(strategy, local_columns: list[np.ndarray]) -> np.ndarray:
 
 def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarray], *,
             m: int, k: int, iters: int = 20, pca_dim: int = 0, pca_sample: int = 0,
-            seed: int = 0, init: str = "random", chunk_size: int = 8192) -> Assignment:
+            seed: int = 0, init: str = "random", chunk_size: int = 8192,
+            progress=None) -> Assignment:
   """Whitens, clusters into m super-clusters then k sub-clusters each; returns the table.
 
   A super-cluster with fewer than k members gets as many sub-clusters as members, one
   whose members all have identical features gets a single sub-cluster (a warning is
   logged in both cases); an empty one gets none. All-identical features overall raise
-  ClusteringError.
+  ClusteringError. `progress()`, if given, is called after each k-means iteration.
   """
   whitening = pca.fit_whitening(strategy, local_features, pca_dim, pca_sample)
   local_w = [whitening.apply(x) for x in local_features]
-  kmeans = km.DistributedKMeans(strategy, chunk_size)
+  kmeans = km.DistributedKMeans(strategy, chunk_size, progress)
   resplit, inertia = 0, 0.0
   if m > 1:
     top = kmeans.fit(local_w, m, iters, seed=seed, init=init, log_prefix="super-clusters")

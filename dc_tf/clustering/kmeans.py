@@ -97,11 +97,13 @@ class DistributedKMeans:
   Args:
     strategy: a tf.distribute strategy (the default one for a single device).
     chunk_size: rows per assignment matmul.
+    progress: called after each iteration (a watchdog's heartbeat), or None.
   """
 
-  def __init__(self, strategy: tf.distribute.Strategy, chunk_size: int = 8192):
+  def __init__(self, strategy: tf.distribute.Strategy, chunk_size: int = 8192, progress=None):
     self.strategy = strategy
     self.chunk_size = chunk_size
+    self.progress = progress
 
     @tf.function(reduce_retracing=True)
     def step(dist_x, centroids):
@@ -210,6 +212,8 @@ class DistributedKMeans:
 
   def _run(self, dist_x, centroids):
     counts, sums, inertia, assign = self._step(dist_x, tf.constant(centroids, tf.float32))
+    if self.progress:
+      self.progress()
     first = lambda v: dist.first_local(self.strategy, v).numpy()  # noqa: E731
     return first(counts), first(sums), first(inertia), dist.all_local(self.strategy, assign)
 

@@ -121,6 +121,11 @@ class Trainer:
                       else self._trunk_features)
     self._train_loop = self._make_train_loop()
     self._agree = self._make_agreement()
+    # --collective_timeout: a worker whose collectives stall that long (a stopped peer) exits.
+    self.watchdog = dist.Watchdog(
+        t.collective_timeout if dist.num_workers_in_tf_config() > 1 else 0.0,
+        f"worker {dist.worker_index(strategy)} of {dist.num_workers_in_tf_config()}")
+    self._warm: set[str] = set()  # collective calls traced already (the first gets more time)
     self.preempted = False      # set by a SIGTERM handler (train.py); all workers agree on it
     self.previous_labels: np.ndarray | None = None
     self._deadline = float("inf")
@@ -206,6 +211,13 @@ class Trainer:
       return strategy.run(fn, args=(flag,))
     return agree
 
+  def _guard(self, what: str):
+    """The watchdog armed for one call holding collectives; 10x the timeout the first time
+    (tracing and compiling come before the first collective)."""
+    grace = 1.0 if what in self._warm else 10.0
+    self._warm.add(what)
+    return self.watchdog.expect(what, grace)
+
   def should_stop(self) -> bool:
     """True when any worker was preempted (SIGTERM) or reached its --max_minutes deadline.
     Every worker asks at the same points (the head of each epoch and of each loop of steps)
@@ -214,8 +226,9 @@ class Trainer:
     local = np.array([self.preempted, time.time() >= self._deadline], np.float32)
     if self.strategy.num_replicas_in_sync > 1:
       n_local = dist.num_local_replicas(self.strategy)
-      out = self._agree(dist.distribute_local(self.strategy, [local] * n_local))
-      local = dist.first_local(self.strategy, out).numpy()
+      with self._guard("the stop agreement"):
+        out = self._agree(dist.distribute_local(self.strategy, [local] * n_local))
+        local = dist.first_local(self.strategy, out).numpy()
     self.preempted, self.out_of_time = bool(local[0] > 0), bool(local[1] > 0)
     return self.preempted or self.out_of_time
 
@@ -234,10 +247,12 @@ class Trainer:
     local_f = dist.split_local(self.strategy, feats["fc7"])
     local_ids = dist.split_local(self.strategy, feats["image_id"])
     c = cfg.clustering
-    assignment = hierarchy.cluster(
-        self.strategy, local_f, local_ids, m=cfg.num_super_clusters, k=c.k,
-        iters=c.kmeans_iters, pca_dim=c.pca_dim, pca_sample=c.pca_sample,
-        seed=c.seed + 1000 * epoch, init=c.kmeans_init, chunk_size=c.chunk_size)
+    with self._guard("clustering"):
+      assignment = hierarchy.cluster(
+          self.strategy, local_f, local_ids, m=cfg.num_super_clusters, k=c.k,
+          iters=c.kmeans_iters, pca_dim=c.pca_dim, pca_sample=c.pca_sample,
+          seed=c.seed + 1000 * epoch, init=c.kmeans_init, chunk_size=c.chunk_size,
+          progress=self.watchdog.beat)
     self.table_ids.assign(assignment.image_ids)
     self.table_super.assign(assignment.super_cluster)
     self.table_sub.assign(assignment.sub_cluster)
@@ -327,6 +342,12 @@ class Trainer:
     elif self.config.train.init_checkpoint:
       step = checkpointing.restore_trunk(self.trunk, self.config.train.init_checkpoint)
       logging.info("trunk initialised from %s (step %d)", self.config.train.init_checkpoint, step)
+    elif self.config.train.require_init_checkpoint:
+      raise checkpointing.CheckpointError(
+          f"no checkpoint in {self.config.train.model_dir} and no --init_checkpoint: this preset "
+          "starts from a trained trunk (the paper's DeeperCluster starts from RotNet: train "
+          "flags/rotnet_yfcc100m.cfg first, then pass --init_checkpoint=runs/rotnet_yfcc100m), "
+          "or pass --require_init_checkpoint=false to start from random weights")
     self._check_workers_agree()
     return bool(latest)
 
@@ -340,8 +361,9 @@ class Trainer:
                      len(self.table_ids.numpy())], np.float64)
     n_local = dist.num_local_replicas(self.strategy)
     local = [np.concatenate([mine, mine ** 2])] * n_local
-    total = dist.first_local(self.strategy, self._agree(dist.distribute_local(self.strategy, local)))
-    total = total.numpy()
+    with self._guard("the stop agreement"):
+      total = dist.first_local(self.strategy,
+                               self._agree(dist.distribute_local(self.strategy, local))).numpy()
     n = self.strategy.num_replicas_in_sync
     if not np.allclose(n * total[3:], total[:3] ** 2, rtol=0, atol=0.5):
       mean = total[:3] / n
@@ -457,7 +479,8 @@ class Trainer:
         break
       n = min(t.steps_per_loop, remaining)
       self.optimizer.learning_rate.assign(float(lrs[min(int(self.step.numpy()), len(lrs) - 1)]))
-      out = {k: float(v) for k, v in self._train_loop(iterator, tf.constant(n)).items()}
+      with self._guard("training steps"):
+        out = {k: float(v) for k, v in self._train_loop(iterator, tf.constant(n)).items()}
       if not np.isfinite(out["loss"]):
         raise TrainingDiverged(
             f"loss is {out['loss']} at step {int(self.step.numpy())} (epoch {epoch}); the "

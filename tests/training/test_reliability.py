@@ -48,7 +48,8 @@ def test_changed_global_batch_is_refused(tiny_shards, tmp_path):
   cfg = tiny_config(tiny_shards, tmp_path / "gb", mode="rotnet", epochs=1, knn_monitor=False)
   trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
   other = cfg.replace(train={"batch_per_replica": 8})
-  with pytest.raises(RuntimeError, match="global batch of 16"):
+  from dc_tf.training.checkpointing import CheckpointError
+  with pytest.raises(CheckpointError, match="global batch of 16"):
     trainer.Trainer(other, tf.distribute.get_strategy()).fit()
 
 
