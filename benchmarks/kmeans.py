@@ -85,6 +85,30 @@ def run_sklearn(x, c0):
   return {"seconds_per_iter": t / ITERS, "inertia": inertia(x, model.cluster_centers_)}
 
 
+def clustering_memory(n=1_000_000, d=256, dtype=np.float32):
+  """Peak extra host memory of one reassignment's clustering (PCA, super- and sub-clusters,
+  table) over the feature matrix it is given, as the trainer runs it (whitened in place),
+  beside the plan's estimate (dc_tf.plan.clustering_host_bytes)."""
+  from dc_tf import plan
+  from dc_tf.clustering import hierarchy
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(64, d)).astype(np.float32)
+  x = np.empty([n, d], dtype)
+  for s in range(0, n, 65536):   # filled in chunks: no float32 copy of a float16 matrix
+    m = min(65536, n - s)
+    x[s:s + m] = centers[rng.integers(64, size=m)] + rng.normal(size=(m, d)).astype(np.float32)
+  ids = np.arange(n, dtype=np.int64)
+  with common.PeakRSS() as mem:
+    t, _ = common.timed(lambda: hierarchy.cluster(
+        tf.distribute.get_strategy(), [x], [ids], m=4, k=100, iters=3, pca_dim=d,
+        fit_sample=300_000, in_place=True))
+  est = plan.clustering_host_bytes(n, n, d, np.dtype(dtype).itemsize)
+  return {"N": n, "d": d, "dtype": np.dtype(dtype).name, "feature_bytes": x.nbytes,
+          "seconds": t, "peak_extra_bytes": mem.peak - mem.start,
+          "peak_over_features": (mem.peak - mem.start + x.nbytes) / x.nbytes,
+          "plan_estimate_over_features": est["total"] / x.nbytes}
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true", help="10x smaller N (smoke test)")
@@ -115,8 +139,13 @@ def main():
     rows.append(row)
     print({k2: v for k2, v in row.items() if k2 not in ("ours", "faiss", "sklearn")})
     print("  ours", ours, "\n  faiss", row["faiss"], "\n  sklearn", row["sklearn"])
+  memory = [clustering_memory(100_000 if args.quick else 1_000_000, 256, dtype)
+            for dtype in (np.float32, np.float16)]
+  for m in memory:
+    print("clustering memory", m)
   print(common.write("kmeans", {"matmul_peak_gflops": {"numpy": peak_np, "tensorflow": peak_tf},
-                                "quick": args.quick, "cases": rows}))
+                                "quick": args.quick, "cases": rows,
+                                "clustering_memory": memory}))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ def define_train_flags() -> None:
   flags.DEFINE_integer("kmeans_iters", _C.kmeans_iters, "Lloyd iterations.")
   flags.DEFINE_enum("kmeans_init", _C.kmeans_init, ["random", "kmeans++"], "k-means seeding.")
   flags.DEFINE_integer("chunk_size", _C.chunk_size, "Rows per k-means assignment chunk.")
+  flags.DEFINE_integer("fit_sample", _C.fit_sample,
+                       "Rows per worker that PCA and the centroids are fitted on (the original "
+                       "caps at 3,150,000 per process); every row is then assigned. 0 = all.")
+  flags.DEFINE_enum("feature_dtype", _C.feature_dtype, ["float32", "float16"],
+                    "Precision of the features held in host memory for clustering.")
   # training
   flags.DEFINE_enum("mode", _T.mode, list(MODES), "deepercluster | rotnet | deepcluster.")
   flags.DEFINE_string("model_dir", _T.model_dir, "Run directory (checkpoints, logs, export).")
@@ -95,7 +100,8 @@ def config_from_flags() -> ExperimentConfig:
       clustering=ClusteringConfig(m=f.m, k=f.k, reassign_every=f.reassign_every,
                                   pca_dim=f.pca_dim, pca_sample=f.pca_sample,
                                   kmeans_iters=f.kmeans_iters, kmeans_init=f.kmeans_init,
-                                  chunk_size=f.chunk_size, seed=f.seed),
+                                  chunk_size=f.chunk_size, seed=f.seed,
+                                  fit_sample=f.fit_sample, feature_dtype=f.feature_dtype),
       train=TrainConfig(mode=f.mode, model_dir=f.model_dir, epochs=f.epochs,
                         epoch_size=f.epoch_size, batch_per_replica=f.batch_per_replica,
                         all_rotations=f.all_rotations, lr=f.lr, warmup_epochs=f.warmup_epochs,

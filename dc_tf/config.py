@@ -63,6 +63,10 @@ class ClusteringConfig:
   kmeans_iters: int = 20
   kmeans_init: str = "random"     # or "kmeans++"
   chunk_size: int = 8192          # rows per assignment chunk (never N x k at once)
+  fit_sample: int = 3_150_000     # rows per worker that PCA and centroids are fitted on
+                                  # (the original's per-process cap); 0 = all; all rows
+                                  # are then assigned
+  feature_dtype: str = "float32"  # or float16: the features held for clustering
   seed: int = 0
 
 
@@ -142,6 +146,8 @@ class ExperimentConfig:
         (not self.uses_clustering or c.k >= 2, f"--k must be >= 2, got {c.k}"),
         (c.reassign_every >= 1, f"--reassign_every must be >= 1, got {c.reassign_every}"),
         (c.kmeans_init in ("random", "kmeans++"), f"--kmeans_init: {c.kmeans_init!r}"),
+        (c.fit_sample >= 0, f"--fit_sample must be >= 0, got {c.fit_sample}"),
+        (c.feature_dtype in ("float32", "float16"), f"--feature_dtype: {c.feature_dtype!r}"),
         (t.batch_per_replica >= 1, "--batch_per_replica must be >= 1"),
         (t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}"),
         (t.epoch_size >= 0, f"--epoch_size must be >= 0, got {t.epoch_size}"),

@@ -6,8 +6,9 @@
 Per replica (accelerator memory): the trunk and V (mirrored), this replica's sub-head pieces
 (`dc_tf.placement`, the same placement the trainer uses), momentum for all of them, their
 gradients, and the activations a training step keeps for the backward pass at the batch.
-Per worker (host memory): the fc7 features of the worker's share of the images, held for
-clustering, and their PCA projection. Trunk shapes are derived from the VGG-16 layout
+Per worker (host memory): the fc7 features of the worker's share of the images, held once
+for clustering (whitened in place; float16 with --feature_dtype), and the clustering's
+bookkeeping (`clustering_host_bytes`, checked by benchmarks/kmeans.py). Trunk shapes are derived from the VGG-16 layout
 (`dc_tf.models.vgg`); a test checks the counts against the variables the trainer creates.
 """
 
@@ -51,6 +52,26 @@ def trunk_shape(image_size: int, width: float, fc_dim: int, sobel: bool) -> Trun
   return TrunkShape(trainable + stats + frozen, trainable, act)
 
 
+# Host bytes clustering needs per row beside the features (dc_tf/clustering): member indices
+# (int64), super and sub assignments (int32 each) and their k-means copies, the id column
+# and the (id, super, sub) rows sent to the table gather (int64 x 3, then float64 x 6).
+CLUSTERING_BYTES_PER_LOCAL_ROW = 8 + 4 + 4 + 8 + 8 + 24 + 48
+# ... and per row of the whole pool: the gathered table (float64 x 6, scattered and then
+# all-reduced) and the sorted id -> (super, sub) table (int64 x 3, twice while sorting).
+CLUSTERING_BYTES_PER_GLOBAL_ROW = 2 * 48 + 2 * 24
+
+
+def clustering_host_bytes(rows_per_worker: int, total_rows: int, dim: int,
+                          feature_bytes: int = 4, chunk_size: int = 65536) -> dict:
+  """Peak host memory of one worker's reassignment: the fc7 features held once (whitened in
+  place), the per-row bookkeeping above, and chunk-sized temporaries (float32 copies for
+  whitening and assignment). `benchmarks/kmeans.py` measures the same at 1M x 256."""
+  features = rows_per_worker * dim * feature_bytes
+  extra = (rows_per_worker * CLUSTERING_BYTES_PER_LOCAL_ROW
+           + total_rows * CLUSTERING_BYTES_PER_GLOBAL_ROW + 4 * chunk_size * dim * 4)
+  return {"features": features, "working": extra, "total": features + extra}
+
+
 def memory_plan(config: ExperimentConfig, num_replicas: int, replicas_per_worker: int,
                 num_images: int) -> dict:
   """Bytes per replica (largest replica) and per worker; see the module docstring."""
@@ -81,8 +102,9 @@ def memory_plan(config: ExperimentConfig, num_replicas: int, replicas_per_worker
   per_replica["total"] = sum(per_replica.values())
   workers = num_replicas // replicas_per_worker
   images = -(-num_images // workers)
-  pca = c.pca_dim or d
-  per_worker = {"fc7_features": 4 * images * d, "pca_projection": 4 * images * pca}
+  host = clustering_host_bytes(images, num_images, d, 2 if c.feature_dtype == "float16" else 4)
+  per_worker = {f"fc7_features_{c.feature_dtype}": host["features"],
+                "clustering_working_memory": host["working"]}
   per_worker["total"] = sum(per_worker.values())
   # The design this replaces: every replica held all S heads, their momentum and gradient.
   all_heads = 3 * 4 * s * k * (d + 1)

@@ -72,33 +72,41 @@ def gather_table(strategy, local_columns: list[np.ndarray]) -> np.ndarray:
 def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarray], *,
             m: int, k: int, iters: int = 20, pca_dim: int = 0, pca_sample: int = 0,
             seed: int = 0, init: str = "random", chunk_size: int = 8192,
-            progress=None) -> Assignment:
+            progress=None, fit_sample: int = 0, in_place: bool = False) -> Assignment:
   """Whitens, clusters into m super-clusters then k sub-clusters each; returns the table.
+
+  Memory: with `in_place` the features are whitened over themselves (`local_features` is
+  overwritten; otherwise a whitened copy is made), and each super-cluster's members are
+  row indices, not copies, so the features are held once.
+  `fit_sample` > 0 fits the centroids on at most that many rows per replica (and PCA on as
+  many per replica, unless `pca_sample` says otherwise), then assigns every row.
 
   A super-cluster with fewer than k members gets as many sub-clusters as members, one
   whose members all have identical features gets a single sub-cluster (a warning is
   logged in both cases); an empty one gets none. All-identical features overall raise
   ClusteringError. `progress()`, if given, is called after each k-means iteration.
   """
+  pca_sample = pca_sample or fit_sample * strategy.num_replicas_in_sync
   whitening = pca.fit_whitening(strategy, local_features, pca_dim, pca_sample)
-  local_w = [whitening.apply(x) for x in local_features]
+  local_w = [whitening.apply_in_place(x) if in_place else whitening.apply(x)
+             for x in local_features]
   kmeans = km.DistributedKMeans(strategy, chunk_size, progress)
   resplit, inertia = 0, 0.0
   if m > 1:
-    top = kmeans.fit(local_w, m, iters, seed=seed, init=init, log_prefix="super-clusters")
+    top = kmeans.fit(local_w, m, iters, seed=seed, init=init, log_prefix="super-clusters",
+                     sample=fit_sample)
     local_super = top.assignments
     resplit += top.resplit
   else:
     local_super = [np.zeros(len(x), np.int32) for x in local_w]
   local_sub = [np.zeros(len(x), np.int32) for x in local_w]
   for s in range(m):
-    members = [sup == s for sup in local_super]
-    subset = [w[mask] for w, mask in zip(local_w, members)]
-    n_s = int(kmeans.replica_sizes(subset).sum())
+    members = [np.flatnonzero(sup == s) for sup in local_super]
+    n_s = int(kmeans.replica_sizes(local_w, members).sum())
     if n_s == 0:
       logging.warning("super-cluster %d is empty: no sub-clusters", s)
       continue
-    if n_s > 1 and kmeans.check_features(subset)[1] <= 1e-12:
+    if n_s > 1 and kmeans.check_features(local_w, members)[1] <= 1e-12:
       logging.warning("super-cluster %d: all %d members have identical features (collapse): "
                       "one sub-cluster", s, n_s)
       continue  # every member keeps sub-cluster 0
@@ -106,12 +114,12 @@ def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarr
     if k_s < k:
       logging.warning("super-cluster %d has %d members < k=%d: using %d sub-clusters",
                       s, n_s, k, k_s)
-    res = kmeans.fit(subset, k_s, iters, seed=seed + 1 + s, init=init,
-                     log_prefix=f"sub-clusters of {s}")
+    res = kmeans.fit(local_w, k_s, iters, seed=seed + 1 + s, init=init,
+                     log_prefix=f"sub-clusters of {s}", local_rows=members, sample=fit_sample)
     resplit += res.resplit
     inertia += res.inertia
-    for sub, mask, a in zip(local_sub, members, res.assignments):
-      sub[mask] = a
+    for sub, rows, a in zip(local_sub, members, res.assignments):
+      sub[rows] = a
   columns = [np.stack([ids, sup, sub], axis=1)
              for ids, sup, sub in zip(local_ids, local_super, local_sub)]
   table = gather_table(strategy, columns)

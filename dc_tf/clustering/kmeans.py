@@ -1,9 +1,9 @@
 """k-means as tf.functions with cross-replica sums (no faiss, no shared disk).
 
-Each replica keeps its own rows. An iteration assigns them in chunks (||c||^2 - 2 x c^T
-and argmin; never an N x k matrix for the whole shard), accumulates per-cluster counts
-and sums, and all-reduces those: only k*(d+1) numbers cross the network, as in the
-original's distributed k-means. The centroid update and the re-split of empty clusters
+Each replica keeps its own rows in host memory (float32 or float16), read chunk by chunk:
+an iteration assigns them (||c||^2 - 2 x c^T and argmin; never an N x k matrix, never a
+device copy of the whole shard), accumulates per-cluster counts and sums, and all-reduces
+those: only k*(d+1) numbers cross the network, as in the original's distributed k-means. The centroid update and the re-split of empty clusters
 run on the host from the reduced (hence identical) sums with a seeded generator, so
 every worker makes the same choice.
 """
@@ -63,36 +63,14 @@ def assign_chunked(x: tf.Tensor, centroids: tf.Tensor, chunk_size: int):
   return assignments, dists, counts, sums
 
 
-def _replica_step(x, centroids, chunk_size):
-  """Per replica: assign its rows, then all-reduce counts, sums and inertia."""
-  a, d, counts, sums = assign_chunked(x, centroids, chunk_size)
-  inertia = tf.reduce_sum(tf.cast(d, tf.float64))
-  ctx = tf.distribute.get_replica_context()
-  counts, sums, inertia = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [counts, sums, inertia])
-  return counts, sums, inertia, a
-
-
-def _chunked_stats(x, chunk_size):
-  """(rows, non-finite rows, sum, sum of squares) in float64, chunk by chunk."""
-  d = tf.shape(x)[1]
-  n = tf.shape(x)[0]
-
-  def body(i, bad, s, sq):
-    chunk = x[i:i + chunk_size]
-    finite = tf.reduce_all(tf.math.is_finite(chunk), axis=1)
-    clean = tf.where(finite[:, None], chunk, 0.0)
-    return (i + chunk_size, bad + tf.reduce_sum(tf.cast(~finite, tf.float64)),
-            s + tf.cast(tf.reduce_sum(clean, 0), tf.float64),
-            sq + tf.cast(tf.reduce_sum(tf.square(clean), 0), tf.float64))
-
-  _, bad, s, sq = tf.while_loop(lambda i, *_: i < n, body,
-                                [0, tf.constant(0.0, tf.float64), tf.zeros([d], tf.float64),
-                                 tf.zeros([d], tf.float64)])
-  return [tf.cast(n, tf.float64), bad, s, sq]
-
-
 class DistributedKMeans:
-  """k-means over per-replica rows held by `strategy`'s replicas.
+  """k-means over rows held, in host memory, by `strategy`'s replicas.
+
+  Nothing is copied whole: each replica's rows (float32 or float16, or a subset given as
+  row indices) are fed to the device chunk by chunk, and only per-cluster counts, sums and
+  the inertia cross replicas, once per iteration. With `sample` rows per replica the
+  centroids are fitted on a seeded sample (the original fits on at most 3,150,000 images
+  per process) and every row is assigned in a last pass.
 
   Args:
     strategy: a tf.distribute strategy (the default one for a single device).
@@ -104,58 +82,67 @@ class DistributedKMeans:
     self.strategy = strategy
     self.chunk_size = chunk_size
     self.progress = progress
+    self.devices = dist.local_devices(strategy)
 
     @tf.function(reduce_retracing=True)
-    def step(dist_x, centroids):
-      return strategy.run(_replica_step, args=(dist_x, centroids, chunk_size))
-    self._step = step
+    def assign(x, centroids):
+      return assign_chunked(x, centroids, tf.shape(x)[0] + 1)
+    self._assign = assign
 
     @tf.function(reduce_retracing=True)
-    def reduce_stats(dist_x):
-      def fn(x):
-        return tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, _chunked_stats(x, chunk_size))
-      return strategy.run(fn, args=(dist_x,))
-    self._stats = reduce_stats
-
-    @tf.function(reduce_retracing=True)
-    def pick_rows(dist_x, dist_offset, global_rows):
-      def fn(x, offset):
-        local = global_rows - offset
-        mine = (local >= 0) & (local < tf.cast(tf.shape(x)[0], tf.int64))
-        rows = tf.gather(x, tf.where(mine, local, 0))
-        rows = tf.where(mine[:, None], tf.cast(rows, tf.float64), 0.0)
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, rows)
-      return strategy.run(fn, args=(dist_x, dist_offset))
-    self._pick = pick_rows
-
-    @tf.function(reduce_retracing=True)
-    def gather_sizes(dist_n):
-      # all_reduce of a one-hot vector rather than all_gather, which
-      # MultiWorkerMirroredStrategy rejects here ("destinations can not be empty").
-      def fn(n):
-        ctx = tf.distribute.get_replica_context()
-        onehot = tf.one_hot(ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync,
-                            dtype=tf.float64) * tf.cast(n, tf.float64)
-        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, onehot)
-      return strategy.run(fn, args=(dist_n,))
-    self._sizes = gather_sizes
+    def all_reduce(dist_values):
+      def fn(values):
+        values = [tf.identity(v) for v in values]  # on the replica's device (MWMS)
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+      return strategy.run(fn, args=(dist_values,))
+    self._all_reduce = all_reduce
 
   # --- helpers -------------------------------------------------------------------------
-  def _distribute(self, local_x: list[np.ndarray]):
-    # float32 arrays are wrapped without a copy where numpy allows it.
-    return dist.distribute_local(self.strategy, [np.ascontiguousarray(x, np.float32)
-                                                 for x in local_x])
+  def sum_over_replicas(self, local_values: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Sums per-replica lists of float64 arrays over all replicas (one all-reduce)."""
+    if self.strategy.num_replicas_in_sync == 1:
+      return [np.asarray(v, np.float64) for v in local_values[0]]
+    per_replica = [[np.asarray(v, np.float64) for v in values] for values in local_values]
+    dist_values = [dist.distribute_local(self.strategy, [values[j] for values in per_replica])
+                   for j in range(len(per_replica[0]))]
+    out = self._all_reduce(dist_values)
+    return [dist.first_local(self.strategy, v).numpy() for v in out]
 
-  def replica_sizes(self, local_x: list[np.ndarray]) -> np.ndarray:
+  def _chunks(self, x: np.ndarray, rows: np.ndarray | None):
+    """float32 chunks of x (or of x[rows]), chunk-sized copies only."""
+    n = len(x) if rows is None else len(rows)
+    for start in range(0, n, self.chunk_size):
+      part = x[start:start + self.chunk_size] if rows is None else x[rows[start:start + self.chunk_size]]
+      yield np.ascontiguousarray(part, np.float32)
+
+  def replica_sizes(self, local_x: list[np.ndarray], local_rows=None) -> np.ndarray:
     """Rows held by every replica, in replica order (identical on all workers)."""
-    dist_n = dist.distribute_local(self.strategy, [np.int64(len(x)) for x in local_x])
-    return dist.first_local(self.strategy, self._sizes(dist_n)).numpy().astype(np.int64)
+    local_rows = local_rows or [None] * len(local_x)
+    r, first = self.strategy.num_replicas_in_sync, self._first_replica()
+    onehot = []
+    for i, (x, rows) in enumerate(zip(local_x, local_rows)):
+      v = np.zeros(r)
+      v[first + i] = len(x) if rows is None else len(rows)
+      onehot.append([v])
+    return self.sum_over_replicas(onehot)[0].astype(np.int64)
 
-  def check_features(self, local_x, dist_x=None) -> tuple[int, float]:
+  def _first_replica(self) -> int:
+    return dist.worker_index(self.strategy) * dist.num_local_replicas(self.strategy)
+
+  def check_features(self, local_x, local_rows=None) -> tuple[int, float]:
     """(total rows, total variance); raises ClusteringError on NaN/Inf."""
-    dist_x = self._distribute(local_x) if dist_x is None else dist_x
-    n, bad, s, sq = (v.numpy() for v in dist.first_local(self.strategy, self._stats(dist_x)))
+    local_rows = local_rows or [None] * len(local_x)
+    stats = []
+    for x, rows in zip(local_x, local_rows):
+      d = x.shape[1]
+      n, bad, s, sq = 0.0, 0.0, np.zeros(d), np.zeros(d)
+      for chunk in self._chunks(x, rows):
+        finite = np.isfinite(chunk).all(axis=1)
+        clean = np.where(finite[:, None], chunk, 0.0).astype(np.float64)
+        n, bad = n + len(chunk), bad + float((~finite).sum())
+        s, sq = s + clean.sum(0), sq + np.square(clean).sum(0)
+      stats.append([np.array([n, bad]), s, sq])
+    (n, bad), s, sq = self.sum_over_replicas(stats)
     if bad:
       raise ClusteringError(f"features contain {int(bad)} rows with NaN/Inf values "
                             "(diverged training? check the loss and the learning rate)")
@@ -163,59 +150,92 @@ class DistributedKMeans:
     variance = float(np.sum(sq / max(n, 1) - (s / max(n, 1)) ** 2)) if n else 0.0
     return n, variance
 
-  def rows(self, local_x, global_rows: np.ndarray) -> np.ndarray:
+  def rows(self, local_x, global_rows: np.ndarray, local_rows=None) -> np.ndarray:
     """Rows at global indices (replica order), fetched with one all-reduce."""
-    sizes = self.replica_sizes(local_x)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    n_local = dist.num_local_replicas(self.strategy)
-    first = dist.worker_index(self.strategy) * n_local
-    dist_offset = dist.distribute_local(self.strategy,
-                                        [offsets[first + i] for i in range(n_local)])
-    out = self._pick(self._distribute(local_x), dist_offset, tf.constant(global_rows, tf.int64))
-    return dist.first_local(self.strategy, out).numpy()
+    local_rows = local_rows or [None] * len(local_x)
+    sizes = self.replica_sizes(local_x, local_rows)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    out = []
+    for i, (x, rows) in enumerate(zip(local_x, local_rows)):
+      r = self._first_replica() + i
+      buf = np.zeros([len(global_rows), x.shape[1]])
+      mine = (global_rows >= offsets[r]) & (global_rows < offsets[r + 1])
+      local = global_rows[mine] - offsets[r]
+      buf[mine] = x[local if rows is None else rows[local]]
+      out.append([buf])
+    return self.sum_over_replicas(out)[0]
 
   # --- the algorithm -------------------------------------------------------------------
   def init_centroids(self, local_x, k: int, seed: int, method: str = "random",
-                     sample_size: int = 20000) -> np.ndarray:
-    n = int(self.replica_sizes(local_x).sum())
+                     sample_size: int = 20000, local_rows=None) -> np.ndarray:
+    n = int(self.replica_sizes(local_x, local_rows).sum())
     rng = np.random.default_rng(seed)
     if method == "random":
-      return self.rows(local_x, np.sort(rng.choice(n, k, replace=False)))
-    sample = self.rows(local_x, np.sort(rng.choice(n, min(n, max(sample_size, k)), replace=False)))
+      return self.rows(local_x, np.sort(rng.choice(n, k, replace=False)), local_rows)
+    sample = self.rows(local_x, np.sort(rng.choice(n, min(n, max(sample_size, k)), replace=False)),
+                       local_rows)
     return kmeans_plus_plus(sample, k, rng)
 
   def fit(self, local_x: list[np.ndarray], k: int, iters: int, seed: int = 0,
           init: str = "random", centroids: np.ndarray | None = None,
-          log_prefix: str = "kmeans") -> KMeansResult:
-    """Lloyd's k-means; `centroids` overrides the initialisation (tests, benchmarks)."""
-    dist_x = self._distribute(local_x)
-    n, variance = self.check_features(local_x, dist_x)
+          log_prefix: str = "kmeans", local_rows: list[np.ndarray] | None = None,
+          sample: int = 0) -> KMeansResult:
+    """Lloyd's k-means over each replica's rows (or `local_rows` of them); `sample` > 0 fits
+    on at most that many rows per replica, then assigns them all; `centroids` overrides the
+    initialisation (tests, benchmarks)."""
+    local_rows = local_rows or [None] * len(local_x)
+    n, variance = self.check_features(local_x, local_rows)
     if k > n:
       raise ClusteringError(f"{log_prefix}: k={k} clusters but only {n} points")
     if n > 1 and variance <= 1e-12:
       raise ClusteringError(f"{log_prefix}: all {n} feature vectors are identical; "
                             "k-means has nothing to separate (collapsed features)")
+    fit_rows = [self._sample(x, rows, sample, seed, i)
+                for i, (x, rows) in enumerate(zip(local_x, local_rows))]
     if centroids is None:
-      centroids = self.init_centroids(local_x, k, seed, init)
+      centroids = self.init_centroids(local_x, k, seed, init, local_rows=fit_rows)
     centroids = np.asarray(centroids, np.float64)
     resplit = 0
     for it in range(iters):
-      counts, sums, inertia, _ = self._run(dist_x, centroids)
+      counts, sums, inertia, _ = self._run(local_x, fit_rows, centroids)
       centroids, n_empty = update_centroids(centroids, counts, sums, seed, it)
       resplit += n_empty
       logging.debug("%s iter %d inertia %.6g empty %d", log_prefix, it, inertia, n_empty)
-    counts, _, inertia, assign = self._run(dist_x, centroids)
+    counts, _, inertia, assign = self._run(local_x, local_rows, centroids, keep=True)
     if resplit:
       logging.info("%s: re-split %d empty clusters", log_prefix, resplit)
     return KMeansResult(centroids.astype(np.float32), assign, float(inertia), resplit,
                         counts.astype(np.int64))
 
-  def _run(self, dist_x, centroids):
-    counts, sums, inertia, assign = self._step(dist_x, tf.constant(centroids, tf.float32))
+  def _sample(self, x, rows, sample, seed, i):
+    n = len(x) if rows is None else len(rows)
+    if not sample or n <= sample:
+      return rows
+    rng = np.random.default_rng([seed, self._first_replica() + i, 11])
+    picked = np.sort(rng.choice(n, sample, replace=False))
+    return picked if rows is None else rows[picked]
+
+  def _run(self, local_x, local_rows, centroids, keep=False):
+    """One pass: assigns each replica's rows chunk by chunk on its device, then sums counts,
+    sums and inertia over replicas. Returns (counts, sums, inertia, assignments or None)."""
+    c = tf.constant(centroids, tf.float32)
+    k, d = centroids.shape
+    stats, assignments = [], []
+    for device, x, rows in zip(self.devices, local_x, local_rows):
+      counts, sums, inertia, parts = np.zeros(k), np.zeros([k, d]), 0.0, []
+      with tf.device(device):
+        for chunk in self._chunks(x, rows):
+          a, dists, cnt, sm = self._assign(tf.constant(chunk), c)
+          counts, sums = counts + cnt.numpy(), sums + sm.numpy()
+          inertia += float(np.sum(dists.numpy(), dtype=np.float64))
+          if keep:
+            parts.append(a.numpy())
+      stats.append([counts, sums, np.array([inertia])])
+      assignments.append(np.concatenate(parts) if parts else np.zeros([0], np.int32))
+    counts, sums, inertia = self.sum_over_replicas(stats)
     if self.progress:
       self.progress()
-    first = lambda v: dist.first_local(self.strategy, v).numpy()  # noqa: E731
-    return first(counts), first(sums), first(inertia), dist.all_local(self.strategy, assign)
+    return counts, sums, float(inertia[0]), assignments if keep else None
 
 
 def update_centroids(centroids: np.ndarray, counts: np.ndarray, sums: np.ndarray,

@@ -71,6 +71,8 @@ def partitioned_sub_loss(h: tf.Tensor, super_class: tf.Tensor, sub_class: tf.Ten
   Returns:
     {'sub_loss': this replica's terms / N, 'sub_correct': its hits}.
   """
+  if not sharded:
+    return _whole_heads_sub_loss(h, super_class, sub_class, pieces, global_batch_size)
   n = tf.shape(h)[0]
   super_class, sub_class = tf.cast(super_class, tf.int32), tf.cast(sub_class, tf.int32)
   loss, hits = tf.constant(0.0), tf.constant(0.0)
@@ -103,6 +105,29 @@ def partitioned_sub_loss(h: tf.Tensor, super_class: tf.Tensor, sub_class: tf.Ten
   # term); the others get +1, so no log(0).
   loss += tf.reduce_sum(lse_owner * (row_max + tf.math.log(exp_sum + 1.0 - lse_owner)))
   return {"sub_loss": loss / global_batch_size, "sub_correct": hits}
+
+
+def _whole_heads_sub_loss(h, super_class, sub_class, pieces, global_batch_size) -> dict:
+  """The unsharded case (R <= S): this replica holds whole heads, so each row's softmax is
+  local. The rows are split between the held heads in one dynamic_partition (rows of other
+  replicas' heads, and rows without a sub-class, go to a last, unused part), each head
+  scores its rows, and one fused cross-entropy runs over the concatenated logits."""
+  if not pieces:
+    return {"sub_loss": tf.constant(0.0), "sub_correct": tf.constant(0.0)}
+  super_class, sub_class = tf.cast(super_class, tf.int32), tf.cast(sub_class, tf.int32)
+  num_heads = max(max(p.head for p, _, _ in pieces) + 1, 1)
+  local = np.full(num_heads, len(pieces), np.int32)
+  for i, (piece, _, _) in enumerate(pieces):
+    local[piece.head] = i
+  part = tf.gather(tf.constant(local), tf.clip_by_value(super_class, 0, num_heads - 1))
+  part = tf.where((sub_class >= 0) & (super_class < num_heads), part, len(pieces))
+  rows = tf.dynamic_partition(h, part, len(pieces) + 1)
+  targets = tf.dynamic_partition(sub_class, part, len(pieces) + 1)
+  logits = tf.concat([tf.matmul(rows[i], kernel) + bias
+                      for i, (_, kernel, bias) in enumerate(pieces)], axis=0)
+  labels = tf.concat(targets[:len(pieces)], axis=0)
+  return {"sub_loss": cross_entropy_sum(logits, labels) / global_batch_size,
+          "sub_correct": correct(logits, labels)}
 
 
 def sub_head_gradient_scale(super_class: tf.Tensor, sub_class: tf.Tensor, head: int,

@@ -243,7 +243,8 @@ class Trainer:
         input_pipeline_id=dist.worker_index(self.strategy))
     feats = extract.extract(self.trunk, cfg.data.data_pattern, image_size=cfg.model.image_size,
                             batch_size=max(self.config.train.batch_per_replica, 128),
-                            input_context=ctx, progress=self.is_chief)
+                            input_context=ctx, progress=self.is_chief,
+                            dtype=np.dtype(cfg.clustering.feature_dtype))
     local_f = dist.split_local(self.strategy, feats["fc7"])
     local_ids = dist.split_local(self.strategy, feats["image_id"])
     c = cfg.clustering
@@ -252,7 +253,9 @@ class Trainer:
           self.strategy, local_f, local_ids, m=cfg.num_super_clusters, k=c.k,
           iters=c.kmeans_iters, pca_dim=c.pca_dim, pca_sample=c.pca_sample,
           seed=c.seed + 1000 * epoch, init=c.kmeans_init, chunk_size=c.chunk_size,
-          progress=self.watchdog.beat)
+          progress=self.watchdog.beat,
+          fit_sample=c.fit_sample // dist.num_local_replicas(self.strategy), in_place=True)
+    del local_f, feats["fc7"]   # whitened in place by the clustering; not needed any more
     self.table_ids.assign(assignment.image_ids)
     self.table_super.assign(assignment.super_cluster)
     self.table_sub.assign(assignment.sub_cluster)

@@ -105,3 +105,42 @@ def test_small_super_cluster_uses_fewer_sub_clusters():
   x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
   a = hierarchy.cluster(default(), [x], [np.arange(3)], m=1, k=5, iters=5, seed=0)
   assert sorted(a.sub_cluster) == [0, 1, 2]
+
+
+def test_fitted_on_a_sample_then_every_row_assigned():
+  """fit_sample: PCA and centroids from at most 300 rows per replica, every row assigned, at
+  an inertia within 5% of fitting on everything; a cap above the rows changes nothing."""
+  x = blobs(2400, 8, 6, seed=5)
+  ids = np.arange(2400, dtype=np.int64)
+  halves = lambda: ([x[:1200].copy(), x[1200:].copy()], [ids[:1200], ids[1200:]])  # noqa: E731
+  full = hierarchy.cluster(two_cpus(), *halves(), m=2, k=3, iters=10, seed=0)
+  capped = hierarchy.cluster(two_cpus(), *halves(), m=2, k=3, iters=10, seed=0,
+                             fit_sample=300, in_place=True)
+  assert len(capped.image_ids) == 2400 and capped.sub_cluster.min() >= 0
+  assert capped.inertia < 1.05 * full.inertia
+  same = hierarchy.cluster(two_cpus(), *halves(), m=2, k=3, iters=10, seed=0,
+                           fit_sample=5000, in_place=True)
+  np.testing.assert_array_equal(same.flat_labels, full.flat_labels)
+
+
+def test_float16_features_cluster_like_float32_and_whiten_in_place():
+  from sklearn.metrics import normalized_mutual_info_score
+  x = blobs(1500, 16, 5, seed=6)
+  ids = np.arange(1500, dtype=np.int64)
+  ref = hierarchy.cluster(default(), [x], [ids], m=1, k=5, iters=10, seed=0, pca_dim=8)
+  half = x.astype(np.float16)
+  w = pca.fit_whitening(default(), [half], dim=8)
+  view = w.apply_in_place(half)
+  assert np.shares_memory(view, half) and view.dtype == np.float16 and view.shape == (1500, 8)
+  np.testing.assert_allclose(np.linalg.norm(view.astype(np.float32), axis=1), 1, atol=2e-3)
+  got = hierarchy.cluster(default(), [x.astype(np.float16)], [ids], m=1, k=5, iters=10, seed=0,
+                          pca_dim=8, in_place=True)
+  assert normalized_mutual_info_score(ref.flat_labels, got.flat_labels) > 0.95
+
+
+def test_extraction_stacks_batches_without_holding_them_twice():
+  from dc_tf.clustering.extract import _stack
+  parts = [np.full([3, 2], i, np.float32) for i in range(4)]
+  out = _stack(parts, np.float16)
+  assert out.dtype == np.float16 and out.shape == (12, 2) and out[-1, 0] == 3
+  assert parts == [None] * 4          # each batch released once copied
