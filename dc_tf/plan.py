@@ -52,23 +52,28 @@ def trunk_shape(image_size: int, width: float, fc_dim: int, sobel: bool) -> Trun
   return TrunkShape(trainable + stats + frozen, trainable, act)
 
 
-# Host bytes clustering needs per row beside the features (dc_tf/clustering): member indices
-# (int64), super and sub assignments (int32 each) and their k-means copies, the id column
-# and the (id, super, sub) rows sent to the table gather (int64 x 3, then float64 x 6).
-CLUSTERING_BYTES_PER_LOCAL_ROW = 8 + 4 + 4 + 8 + 8 + 24 + 48
-# ... and per row of the whole pool: the gathered table (float64 x 6, scattered and then
-# all-reduced) and the sorted id -> (super, sub) table (int64 x 3, twice while sorting).
-CLUSTERING_BYTES_PER_GLOBAL_ROW = 2 * 48 + 2 * 24
+# Host bytes beside the features, in the two phases of a reassignment (dc_tf/clustering):
+# while whitening and k-means read the rows chunk by chunk, the super and sub assignments
+# (int32 each) and one super-cluster's member indices (int64) per row, plus float32 chunk
+# copies; while the table is gathered, the (id, super, sub) rows (int64 x 3) and their
+# float64 x 6 halves per local row, and per row of the whole pool the scattered buffer and
+# its all-reduced copy (float64 x 6 each).
+PASS_BYTES_PER_LOCAL_ROW = 4 + 4 + 8
+GATHER_BYTES_PER_LOCAL_ROW = 24 + 48
+GATHER_BYTES_PER_GLOBAL_ROW = 2 * 48
 
 
 def clustering_host_bytes(rows_per_worker: int, total_rows: int, dim: int,
-                          feature_bytes: int = 4, chunk_size: int = 65536) -> dict:
+                          feature_bytes: int = 4, chunk_size: int = 16384) -> dict:
   """Peak host memory of one worker's reassignment: the fc7 features held once (whitened in
-  place), the per-row bookkeeping above, and chunk-sized temporaries (float32 copies for
-  whitening and assignment). `benchmarks/kmeans.py` measures the same at 1M x 256."""
+  place) and the larger of the two phases' working memory above. `benchmarks/kmeans.py`
+  measures the real peak at 1M x 256 beside this estimate."""
   features = rows_per_worker * dim * feature_bytes
-  extra = (rows_per_worker * CLUSTERING_BYTES_PER_LOCAL_ROW
-           + total_rows * CLUSTERING_BYTES_PER_GLOBAL_ROW + 4 * chunk_size * dim * 4)
+  # a chunk in float32 and float64 (PCA moments) and the whitening's copies of it
+  passes = rows_per_worker * PASS_BYTES_PER_LOCAL_ROW + 3 * chunk_size * dim * 8
+  gather = (rows_per_worker * GATHER_BYTES_PER_LOCAL_ROW
+            + total_rows * GATHER_BYTES_PER_GLOBAL_ROW)
+  extra = max(passes, gather)
   return {"features": features, "working": extra, "total": features + extra}
 
 

@@ -70,6 +70,25 @@ def write_records(path, records):
   return path
 
 
+def copy_shards(pattern, dest):
+  """Copies the shard files matching `pattern` into the folder `dest`; returns its pattern."""
+  import glob
+  import shutil
+  os.makedirs(dest, exist_ok=True)
+  for f in glob.glob(pattern):
+    shutil.copy(f, dest)
+  return os.path.join(str(dest), os.path.basename(pattern))
+
+
+def insert_records(path, serialized, at=None):
+  """Rewrites a shard with the `serialized` records inserted at position `at` (end: None)."""
+  records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+  at = len(records) if at is None else at
+  with tf.io.TFRecordWriter(path) as w:
+    for r in records[:at] + list(serialized) + records[at:]:
+      w.write(r)
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
   """4 shards of 48 labelled images (3 classes) made with the project's writer."""

@@ -55,13 +55,10 @@ def test_bad_records_on_one_worker_keep_workers_in_step(tmp_path, example):
   from dc_tf.data import make_shards
   items = make_shards.collect_items("folder", write_image_folder(str(tmp_path / "img"), 3, 8))
   make_shards.write_shards(items, str(tmp_path / "s"), "train", 4, progress=False)
-  bad = str(tmp_path / "s" / "train-00000-of-00004.tfrecord")
-  good = [r.numpy() for r in tf.data.TFRecordDataset(bad)]
-  with tf.io.TFRecordWriter(bad) as w:
-    for r in good:
-      w.write(r)
-    for i in range(3):
-      w.write(example(data=b"not an image", image_id=10**6 + i).SerializeToString())
+  from conftest import insert_records
+  insert_records(str(tmp_path / "s" / "train-00000-of-00004.tfrecord"),
+                 [example(data=b"not an image", image_id=10**6 + i).SerializeToString()
+                  for i in range(3)])
   model_dir = tmp_path / "run"
   cmd = [os.path.join(REPO, "train.py"), f"--data_pattern={tmp_path}/s/train-*",
          f"--eval_pattern={tmp_path}/s/train-*", f"--model_dir={model_dir}", "--mode=rotnet",

@@ -86,19 +86,13 @@ def test_stopped_worker_makes_the_other_fail_within_the_timeout(tiny_shards, tmp
 def test_exception_on_one_worker_is_reported_by_every_worker(tiny_shards, tmp_path, example):
   """Worker 1 reads shards 1 and 3; shard 3 gets a record without its image field, a data
   error on worker 1 only. Both workers must exit non-zero and say why."""
-  import glob
-  import shutil
+  from conftest import copy_shards, insert_records
+  copy_shards(tiny_shards, tmp_path / "s")
   shards = tmp_path / "s"
-  shards.mkdir()
-  for f in glob.glob(tiny_shards):
-    shutil.copy(f, shards)
-  bad = str(shards / "train-00003-of-00004.tfrecord")
-  good = [r.numpy() for r in tf.data.TFRecordDataset(bad)]
   no_image = tf.train.Example(features=tf.train.Features(feature={
       "image/id": tf.train.Feature(int64_list=tf.train.Int64List(value=[10**6]))}))
-  with tf.io.TFRecordWriter(bad) as w:
-    for r in good[:2] + [no_image.SerializeToString()] + good[2:]:
-      w.write(r)
+  insert_records(str(shards / "train-00003-of-00004.tfrecord"), [no_image.SerializeToString()],
+                 at=2)
   model_dir = tmp_path / "exc"
   t0 = time.time()
   codes, outs = wait_all(start_workers(lambda i: mw_cmd(

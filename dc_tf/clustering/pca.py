@@ -35,7 +35,7 @@ class Whitening:
     norm = np.linalg.norm(y, axis=1, keepdims=True)
     return y / np.maximum(norm, 1e-12)
 
-  def apply_in_place(self, x: np.ndarray, chunk_size: int = 65536) -> np.ndarray:
+  def apply_in_place(self, x: np.ndarray, chunk_size: int = 16384) -> np.ndarray:
     """Whitens x chunk by chunk into its own first p columns (p <= d) and returns that view:
     no second copy of the features. x keeps its dtype (float16 halves the memory)."""
     p = self.projection.shape[1]
@@ -62,7 +62,7 @@ def sample_rows(n: int, sample: int, seed: int) -> np.ndarray | None:
 
 
 def fit_whitening(strategy, local_x: list[np.ndarray], dim: int = 0, sample: int = 0,
-                  chunk_size: int = 65536) -> Whitening:
+                  chunk_size: int = 16384) -> Whitening:
   """Fits on all rows, or on about `sample` rows in all (a seeded sample of each replica's)."""
   from dc_tf.clustering import kmeans as km
   per = max(1, sample // max(strategy.num_replicas_in_sync, 1)) if sample else 0

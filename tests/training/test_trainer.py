@@ -262,20 +262,12 @@ def test_resume_after_the_warmup_with_bad_records_keeps_epoch_and_lr(tiny_shards
   """4 undecodable records: the pool is 52 records before the first clustering and 48
   images after it. A run stopped after the clustering resumes on the epochs and learning
   rates of the uninterrupted run (steps per epoch and pool size come from the checkpoint)."""
-  import glob
-  import shutil
-  shards = tmp_path / "s"
-  shards.mkdir()
-  for f in glob.glob(tiny_shards):
-    shutil.copy(f, shards)
-  bad = str(shards / "train-00001-of-00004.tfrecord")
-  good = [r.numpy() for r in tf.data.TFRecordDataset(bad)]
-  with tf.io.TFRecordWriter(bad) as w:
-    for r in good:
-      w.write(r)
-    for i in range(4):
-      w.write(example(data=b"not an image", image_id=10**6 + i).SerializeToString())
-  cfg = tiny_config(str(shards / "train-*"), tmp_path / "clean", rotnet_warmup_epochs=1,
+  from conftest import copy_shards, insert_records
+  pattern = copy_shards(tiny_shards, tmp_path / "s")
+  insert_records(str(tmp_path / "s" / "train-00001-of-00004.tfrecord"),
+                 [example(data=b"not an image", image_id=10**6 + i).SerializeToString()
+                  for i in range(4)])
+  cfg = tiny_config(pattern, tmp_path / "clean", rotnet_warmup_epochs=1,
                     epochs=3, knn_monitor=False, schedule="cosine")
   clean = trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
   stopped_cfg = cfg.replace(train={"model_dir": str(tmp_path / "stopped")})
