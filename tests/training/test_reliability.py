@@ -26,7 +26,8 @@ def _iterations(model_dir):
 def test_sigterm_saves_and_resume_loses_no_step(tiny_shards, tmp_path):
   model_dir = str(tmp_path / "term")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  cmd = _train_cmd(tiny_shards, model_dir, "--epochs=3", "--checkpoint_every=0")
+  epochs = 8   # 96 steps: the signal lands mid-training however fast the machine
+  cmd = _train_cmd(tiny_shards, model_dir, f"--epochs={epochs}", "--checkpoint_every=0")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and not os.path.exists(os.path.join(model_dir, "log.jsonl")):
@@ -38,10 +39,10 @@ def test_sigterm_saves_and_resume_loses_no_step(tiny_shards, tmp_path):
   assert proc.returncode == 0, err[-2000:]
   assert time.time() - t0 < 60
   stopped_at = _iterations(model_dir)
-  assert 0 < stopped_at < 36
+  assert 0 < stopped_at < 12 * epochs
   subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=400)
-  assert _iterations(model_dir) == 36          # none lost, none repeated
-  assert read_log(model_dir)[-1]["step"] == 36
+  assert _iterations(model_dir) == 12 * epochs     # none lost, none repeated
+  assert read_log(model_dir)[-1]["step"] == 12 * epochs
 
 
 def test_changed_global_batch_is_refused(tiny_shards, tmp_path):
