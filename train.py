@@ -48,7 +48,7 @@ def main(argv):
 
   def on_sigterm(signum, frame):  # preemption: finish the current loop, save, exit cleanly
     del signum, frame
-    run.preempted = True
+    run.request_preemption()
   signal.signal(signal.SIGTERM, on_sigterm)
   try:
     run.fit(max_seconds=flags.FLAGS.max_minutes * 60)

@@ -127,7 +127,12 @@ class Trainer:
         t.collective_timeout if dist.num_workers_in_tf_config() > 1 else 0.0,
         f"worker {dist.worker_index(strategy)} of {dist.num_workers_in_tf_config()}")
     self._warm: set[str] = set()  # collective calls traced already (the first gets more time)
-    self.preempted = False      # set by a SIGTERM handler (train.py); all workers agree on it
+    # A SIGTERM handler (train.py) calls request_preemption(); `preempted` is what all
+    # workers agreed on at the last should_stop(). The two are kept apart because the handler
+    # runs between bytecodes on this thread: a request that arrives while the agreement's
+    # all-reduce is blocked must survive the line that stores the (older) agreed answer.
+    self._preemption_requested = False
+    self.preempted = False
     self.previous_labels: np.ndarray | None = None
     self._deadline = float("inf")
     self.out_of_time = False
@@ -219,12 +224,16 @@ class Trainer:
     self._warm.add(what)
     return self.watchdog.expect(what, grace)
 
+  def request_preemption(self) -> None:
+    """Asks every worker to save and stop at the next agreement (safe in a signal handler)."""
+    self._preemption_requested = True
+
   def should_stop(self) -> bool:
     """True when any worker was preempted (SIGTERM) or reached its --max_minutes deadline.
     Every worker asks at the same points (the head of each epoch and of each loop of steps)
     and gets the same answer from one all-reduce, so all stop, and save, at the same step; a
     worker deciding alone would leave the others waiting in a collective."""
-    local = np.array([self.preempted, time.time() >= self._deadline], np.float32)
+    local = np.array([self._preemption_requested, time.time() >= self._deadline], np.float32)
     if self.strategy.num_replicas_in_sync > 1:
       n_local = dist.num_local_replicas(self.strategy)
       with self._guard("the stop agreement"):

@@ -228,3 +228,25 @@ def test_init_checkpoint_restores_every_trunk_variable_or_names_what_is_wrong(ti
   tf.train.Checkpoint(step=tf.Variable(3, dtype=tf.int64)).save(str(tmp_path / "bare" / "ckpt"))
   with pytest.raises(checkpointing.CheckpointError, match=r"has no value for 84 of the trunk.s 84 variables"):
     checkpointing.restore_trunk(same, str(tmp_path / "bare"))
+
+
+def test_a_preemption_requested_during_the_stop_agreement_is_not_lost(tiny_shards, tmp_path):
+  """A SIGTERM handler runs on the training thread as soon as a blocking call returns: one
+  that lands while the agreement's all-reduce is in flight must be acted on at the next
+  agreement (the chief once exported a run whose worker had been sent SIGTERM)."""
+  from conftest import cpu_strategy
+  cfg = tiny_config(tiny_shards, tmp_path / "agree", mode="rotnet", epochs=1, knn_monitor=False,
+                    batch_per_replica=8)
+  run = trainer.Trainer(cfg, cpu_strategy(2))
+  real_agree = run._agree
+
+  def agree_then_signal(flag):
+    out = real_agree(flag)
+    run.request_preemption()   # what the handler does when the blocking call returns
+    return out
+
+  run._agree = agree_then_signal
+  assert run.should_stop() is False     # this agreement was computed before the request...
+  run._agree = real_agree
+  assert run.should_stop() is True      # ...and the next one carries it
+  assert run.preempted and not run.out_of_time
