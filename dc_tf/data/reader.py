@@ -76,6 +76,13 @@ def _records(files: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
                           deterministic=deterministic)
 
 
+def _parsed(files: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
+  """Parsed records with their `status` (`decoder.parse_records` on batches of 256)."""
+  records = _records(files, deterministic).batch(256)
+  return records.map(decoder.parse_records, num_parallel_calls=AUTOTUNE,
+                     deterministic=deterministic).unbatch()
+
+
 def _decoded(examples: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
   """Decodes images in parallel; bad ones are dropped and counted in `skipped`."""
   ds = examples.map(decoder.decode_example, num_parallel_calls=AUTOTUNE,
@@ -119,8 +126,7 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
   images per batch), as in RotNet. `skip_steps` drops the first batches (exact resume).
   """
   files = list_shards(pattern)
-  examples = _records(_shard_files(files, input_context), deterministic=True)
-  examples = examples.map(decoder.parse_record, num_parallel_calls=AUTOTUNE)
+  examples = _parsed(_shard_files(files, input_context), deterministic=True)
   if plan is not None:
     counts = _lookup(plan.image_ids, plan.multiplicity, 0)
     supers = _lookup(plan.image_ids, plan.super_cluster, 0)
@@ -144,15 +150,20 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
   # step; a short shard is padded by its next pass, a long one truncated).
   examples = examples.shuffle(shuffle_buffer, seed=(seed * 1000003 + epoch) % 2**31,
                               reshuffle_each_iteration=True).repeat()
-  examples = _decoded(examples, deterministic=True)
+  # Byte checks only: an image is decoded in `transform`, and then only its crop window.
+  examples = decoder.count_and_drop_bad(examples, keep_missing=True)
   per_image = batch_size // num_rotations if all_rotations else batch_size
   per_image = max(per_image, 1)
-  examples = examples.take(steps * per_image).enumerate()
+  examples = examples.enumerate()
 
   def transform(index, ex):
     elem_seed = tf.stack([tf.cast(seed * 100003 + epoch, tf.int64), index])
     seeds = tf.random.experimental.stateless_split(elem_seed, 2)
-    image = preprocess.train_transform(ex["image"], image_size, seeds[0], crop_scale_min)
+    image = tf.cond(
+        tf.equal(ex["status"], decoder.OK),
+        lambda: preprocess.train_transform_encoded(ex["encoded"], image_size, seeds[0],
+                                                   crop_scale_min),
+        lambda: tf.zeros([image_size, image_size, 3]))   # MISSING_FIELD: fails below
     if all_rotations:
       rotation = tf.range(num_rotations, dtype=tf.int32)
       image = tf.stack([preprocess.rotate(image, r) for r in range(num_rotations)])
@@ -163,10 +174,18 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
            "super_class": ex["super_cluster"] * num_rotations + rotation,
            "sub_class": ex["sub_class"] + tf.zeros_like(rotation),
            "image_id": ex["image_id"] + tf.zeros_like(rotation, tf.int64),
-           "skipped": ex["skipped"] + tf.zeros_like(rotation, tf.int64)}
+           "skipped": ex["skipped"] + tf.zeros_like(rotation, tf.int64),
+           "status": ex["status"], "filename": ex["filename"]}
     return out
 
+  def require(ex):  # after ignore_errors, which would swallow this assertion
+    ex = decoder.check_required(ex)
+    return {k: v for k, v in ex.items() if k not in ("status", "filename")}
+
   ds = examples.map(transform, num_parallel_calls=AUTOTUNE, deterministic=True)
+  # Bytes that pass the checks but fail to decode are dropped here (logged by tf.data); the
+  # take after it still gives every worker exactly `steps` batches.
+  ds = ds.ignore_errors(log_warning=True).map(require).take(steps * per_image)
   if all_rotations:
     ds = ds.unbatch()
   ds = ds.batch(batch_size, drop_remainder=True)
@@ -180,8 +199,7 @@ def build_extraction_dataset(pattern: str, *, image_size: int, batch_size: int,
                              keep_encoded: bool = False) -> tf.data.Dataset:
   """Every image once, deterministic, in shard order: image, image_id, label, metadata."""
   files = list_shards(pattern)
-  examples = _records(_shard_files(files, input_context), deterministic=True)
-  examples = examples.map(decoder.parse_record, num_parallel_calls=AUTOTUNE, deterministic=True)
+  examples = _parsed(_shard_files(files, input_context), deterministic=True)
   examples = _decoded(examples, deterministic=True)
 
   def transform(ex):
@@ -199,8 +217,8 @@ def build_extraction_dataset(pattern: str, *, image_size: int, batch_size: int,
 def read_image_ids(pattern: str, input_context=None) -> np.ndarray:
   """All image ids (of this worker's shards), without decoding images."""
   files = list_shards(pattern)
-  ds = _records(_shard_files(files, input_context), deterministic=True)
-  ds = ds.map(decoder.parse_record, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.map(lambda ex: ex["image_id"]).batch(65536)
+  ds = _records(_shard_files(files, input_context), deterministic=True).batch(4096)
+  ds = ds.map(lambda r, f: decoder.parse_records(r, f)["image_id"],
+              num_parallel_calls=AUTOTUNE, deterministic=True)
   ids = [b.numpy() for b in ds]
   return np.concatenate(ids) if ids else np.zeros([0], np.int64)

@@ -140,6 +140,35 @@ def test_train_transform_eager_equals_tf_data():
   assert eager.shape == (32, 32, 3)
 
 
+@pytest.mark.parametrize("fmt,channels", [("jpeg", 3), ("jpeg", 1), ("png", 3)])
+def test_decoding_only_the_crop_window_gives_the_decoded_images_crop(fmt, channels):
+  """The training pipeline decodes a JPEG's crop window only (issue 17). Window and pixels
+  are those of decoding whole then cropping, eagerly and in tf.data, except that libjpeg's
+  chroma upsampling has no neighbour beyond the window's first and last column (colour
+  JPEGs: those two columns may differ slightly). Other formats decode whole, then crop."""
+  rng = np.random.default_rng(channels)
+  pixels = rng.integers(0, 255, (75, 100, channels)).astype(np.uint8)
+  encoded = (tf.io.encode_jpeg(pixels, quality=95) if fmt == "jpeg"
+             else tf.io.encode_png(pixels)).numpy()
+  whole = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  for i in range(8):
+    seed = tf.constant([5, i], tf.int64)
+    y, x, h, w = preprocess.crop_window(tf.shape(whole), seed).numpy()
+    want = whole.numpy()[y:y + h, x:x + w].astype(int)
+    eager = preprocess.decode_random_crop(tf.constant(encoded), seed).numpy().astype(int)
+    in_data = next(iter(tf.data.Dataset.from_tensors(encoded).map(
+        lambda e, seed=seed: preprocess.decode_random_crop(e, seed)))).numpy().astype(int)
+    np.testing.assert_array_equal(in_data, eager)
+    assert eager.shape == want.shape
+    np.testing.assert_array_equal(eager[:, 1:-1], want[:, 1:-1])
+    edge = np.abs(eager - want).max()
+    assert edge <= 40 and (fmt == "jpeg" and channels == 3 or edge == 0)
+    # The whole training transform from bytes equals it from the decoded image, up to that.
+    got = preprocess.train_transform_encoded(tf.constant(encoded), 48, seed, 0.08).numpy()
+    ref = preprocess.train_transform(whole, 48, seed, scale_min=0.08).numpy()
+    assert np.abs(got - ref).mean() < 0.02
+
+
 def test_train_dataset_follows_the_plan(tiny_shards):
   ids = reader.read_image_ids(tiny_shards)
   mult = np.zeros(len(ids), np.int64)
