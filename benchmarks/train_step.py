@@ -3,14 +3,20 @@ vs the same trunk with one plain mirrored softmax over the m*k = 4000 clusters, 
 S*k = 16000 (cluster, rotation) targets the hierarchical loss factorises, same batch,
 side by side, on 1 replica and on 4 replicas (logical CPU devices: the partitioned heads'
 gathers and exchanges run for real); the demo step with and without XLA (--jit_compile); and
-the share of wall time spent in reassignment at the demo preset.
+the share of wall time spent in reassignment at the demo preset; and our step against the
+PyTorch reference (`torch_reference.py`: the same VGG-16-BN + Sobel, heads as the original
+has them, same batch and thread count), at the demo shape (32 px) and at 64 px, with the
+demo's hierarchical heads (m=2, k=40) and with a plain 4,000-way head, timed in this run in a
+child process (needs torch: benchmarks/requirements.txt).
 Writes benchmarks/results/train_step.json.
 
-  python benchmarks/train_step.py [--steps=30]
+  python benchmarks/train_step.py [--steps=30] [--only_torch]
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -30,9 +36,10 @@ from dc_tf.config import ExperimentConfig  # noqa: E402
 from dc_tf.training import trainer  # noqa: E402
 
 
-def demo_config(model_dir, **clustering):
+def demo_config(model_dir, image_size=32, **clustering):
   cfg = ExperimentConfig().replace(
-      data={"image_size": 32}, model={"image_size": 32, "width": 0.25, "fc_dim": 512},
+      data={"image_size": image_size},
+      model={"image_size": image_size, "width": 0.25, "fc_dim": 512},
       clustering={"m": 2, "k": 40, "pca_dim": 64, "reassign_every": 2, **clustering},
       train={"model_dir": model_dir, "batch_per_replica": 64, "knn_monitor": False,
              "lr": 0.01})
@@ -64,7 +71,8 @@ def throughput(cfg, steps, strategy=None, plain_classes=0):
   rng = np.random.default_rng(0)
   b = cfg.train.batch_per_replica
   classes = plain_classes or cfg.num_super_classes
-  batch = {"image": rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
+  size = cfg.model.image_size
+  batch = {"image": rng.normal(size=(b, size, size, 3)).astype(np.float32),
            "super_class": rng.integers(0, classes, b).astype(np.int32),
            "sub_class": rng.integers(0, max(cfg.num_sub_classes, 1), b).astype(np.int32),
            "skipped": np.zeros(b, np.int64)}
@@ -86,12 +94,61 @@ def reassign_share(tmp):
   return reassign_s, stats
 
 
+def torch_rate(steps, **kw):
+  """Examples/s of the PyTorch reference step, in a child process (its own thread pool)."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
+  args = [f"--{k}={v}" for k, v in kw.items()]
+  out = subprocess.run([sys.executable, script, f"--steps={steps}", *args], check=True,
+                       capture_output=True, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def against_torch(tmp, steps):
+  """Our step vs PyTorch's, same shapes, batch 64, demo hierarchical heads and a plain
+  4,000-way head, at 32 and 64 px."""
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return {"skipped": "torch is not installed (pip install -r benchmarks/requirements.txt)"}
+  rows = {}
+  for size in (32, 64):
+    demo = demo_config(f"{tmp}/t{size}", image_size=size)
+    shape = dict(image_size=size, width=0.25, fc_dim=512, batch=64)
+    ours_h = throughput(demo, steps)
+    torch_h = torch_rate(steps, super_classes=demo.num_super_classes, k=demo.clustering.k,
+                         **shape)
+    ours_p = throughput(demo.replace(train={"mode": "rotnet", "model_dir": f"{tmp}/tp{size}"}),
+                        steps, plain_classes=4000)
+    torch_p = torch_rate(steps, plain_classes=4000, **shape)
+    rows[f"{size}px"] = {
+        "hierarchical_m2_k40": {"ours_examples_per_s": ours_h,
+                                "torch_examples_per_s": torch_h["examples_per_s"],
+                                "ratio_ours_vs_torch": ours_h / torch_h["examples_per_s"]},
+        "plain_4000": {"ours_examples_per_s": ours_p,
+                       "torch_examples_per_s": torch_p["examples_per_s"],
+                       "ratio_ours_vs_torch": ours_p / torch_p["examples_per_s"]},
+        "torch": torch_h["torch"], "torch_threads": torch_h["threads"],
+        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or
+        os.cpu_count()}
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=30)
+  p.add_argument("--only_torch", action="store_true",
+                 help="only the PyTorch comparison; merged into the existing JSON")
   args = p.parse_args()
   import tempfile
   tmp = tempfile.mkdtemp()
+  if args.only_torch:
+    path = os.path.join(common.RESULTS, "train_step.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    old.pop("machine", None)
+    old["against_torch"] = against_torch(tmp, args.steps)
+    print(common.write("train_step", old))
+    print(json.dumps(old["against_torch"], indent=1))
+    return
   hier = demo_config(tmp + "/h", m=4, k=1000)
   rotnet = hier.replace(train={"mode": "rotnet"})
   results = {"batch_per_replica": 64, "image_size": 32, "width": 0.25, "m": 4, "k": 1000,
@@ -120,6 +177,7 @@ def main():
                   "demo_epoch_seconds_estimate": epoch_s,
                   "demo_reassign_share": reassign_s / (reassign_s + t_epochs * epoch_s),
                   "demo_reassign_stats": stats})
+  results["against_torch"] = against_torch(tmp, args.steps)
   print(common.write("train_step", results))
   for k, v in results.items():
     print(f"{k:40s} {v}")

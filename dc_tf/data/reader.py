@@ -120,7 +120,7 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
                         ) -> tf.data.Dataset:
   """One training epoch of `steps` batches of `batch_size` rotated examples.
 
-  Each example: image [S,S,3] float32, rotation, super_class = super_cluster * R + rotation,
+  Each example: image [S,S,3] uint8 (the train step normalises it on the device), rotation, super_class = super_cluster * R + rotation,
   sub_class, image_id, skipped (bad records seen so far on this worker). With
   `all_rotations`, an image comes with its R rotations side by side (batch_size // R
   images per batch), as in RotNet. `skip_steps` drops the first batches (exact resume).
@@ -163,7 +163,7 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
         tf.equal(ex["status"], decoder.OK),
         lambda: preprocess.train_transform_encoded(ex["encoded"], image_size, seeds[0],
                                                    crop_scale_min),
-        lambda: tf.zeros([image_size, image_size, 3]))   # MISSING_FIELD: fails below
+        lambda: tf.zeros([image_size, image_size, 3], tf.uint8))  # MISSING_FIELD: fails below
     if all_rotations:
       rotation = tf.range(num_rotations, dtype=tf.int32)
       image = tf.stack([preprocess.rotate(image, r) for r in range(num_rotations)])

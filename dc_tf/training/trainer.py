@@ -24,7 +24,7 @@ from dc_tf import distribute as dist
 from dc_tf import placement as placement_lib
 from dc_tf.clustering import extract, hierarchy
 from dc_tf.config import ExperimentConfig
-from dc_tf.data import reader, sampler
+from dc_tf.data import preprocess, reader, sampler
 from dc_tf.models import heads as heads_lib
 from dc_tf.models import vgg
 from dc_tf.training import checkpointing, losses, optim
@@ -142,7 +142,8 @@ class Trainer:
   def _trunk_features(self, images):
     """ReLU(fc7) of this replica's images. It holds no collective, so XLA can compile it,
     and its gradient, whole (--jit_compile); the heads and the collectives follow outside."""
-    out = self.trunk(images, training=True)
+    # The training pipeline hands over uint8 pixels: normalised here, on the replica's device.
+    out = self.trunk(preprocess.normalize(images), training=True)
     return tf.nn.relu(tf.cast(out["fc7"], tf.float32))  # heads take ReLU(fc7)
 
   def _replica_step(self, batch):

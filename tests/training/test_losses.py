@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dc_tf.data import preprocess
 from dc_tf.training import losses
 
 
@@ -55,7 +56,8 @@ def test_the_originals_gradient_by_hand_on_one_replica(tiny_shards, tmp_path):
            "super_class": np.array([0, 0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 7, 7, 7, 0, 1], np.int32),
            "sub_class": rng.integers(0, 5, n).astype(np.int32), "skipped": np.zeros(n, np.int64)}
   with tf.GradientTape() as tape:   # the loss as the paper writes it, averaged per term
-    h = tf.nn.relu(run.trunk(batch["image"], training=True)["fc7"])
+    # the train step normalises the pipeline's uint8 pixels on the device, as here
+    h = tf.nn.relu(run.trunk(preprocess.normalize(batch["image"]), training=True)["fc7"])
     v_logits = run.super_head(h)
     heads = {p.head: (k, b) for p, k, b in run.sub_heads.of_replica(0)}
     sub_logits = tf.concat([h[i:i + 1] @ heads[s][0] + heads[s][1]
