@@ -517,11 +517,14 @@ class Trainer:
         self._save()
         last_save = step
     bar.close()
-    # The epoch's iterator is released on a short-lived thread: destroyed on this thread, a
-    # partly consumed iterator sometimes blocked for ~19 s, idle (in 1 to 3 of the demo's 6
-    # epochs; root cause not found), which made `python train.py` 26% slower.
-    threading.Thread(target=lambda it: None, args=(iterator,), daemon=True).start()
+    # The epoch's iterator is released on a short-lived thread: destroyed on this thread, an
+    # iterator sometimes blocked for ~19-47 s, idle (in 1 to 3 of the demo's 6 epochs; root
+    # cause not found). The list is its only reference, so the thread's clear() is what
+    # destroys it (handing the iterator itself over raced: whichever side dropped its
+    # reference last destroyed it, sometimes this one).
+    holder = [iterator]
     del iterator
+    threading.Thread(target=holder.clear, daemon=True).start()
     examples = max(seen * self.global_batch, 1)
     record = {"event": "epoch", "epoch": epoch, "step": int(self.step.numpy()),
               "lr": float(lrs[min(epoch * steps_per_epoch, len(lrs) - 1)]),
