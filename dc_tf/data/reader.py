@@ -120,8 +120,8 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
                         ) -> tf.data.Dataset:
   """One training epoch of `steps` batches of `batch_size` rotated examples.
 
-  Each example: image [S,S,3] uint8 (the train step normalises it on the device), rotation, super_class = super_cluster * R + rotation,
-  sub_class, image_id, skipped (bad records seen so far on this worker). With
+  Each example: image [S,S,3] uint8 (the train step normalises it on the device), rotation,
+  super_class = super_cluster * R + rotation, sub_class, image_id, skipped (bad records seen so far on this worker). With
   `all_rotations`, an image comes with its R rotations side by side (batch_size // R
   images per batch), as in RotNet. `skip_steps` drops the first batches (exact resume).
   """
