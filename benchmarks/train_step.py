@@ -144,7 +144,9 @@ def main():
   if args.only_torch:
     path = os.path.join(common.RESULTS, "train_step.json")
     old = json.load(open(path)) if os.path.exists(path) else {}
-    old.pop("machine", None)
+    # The other entries keep the machine and date of the run that measured them.
+    machine = old.pop("machine", None)
+    old["machine_of_other_entries"] = old.get("machine_of_other_entries", machine)
     old["against_torch"] = against_torch(tmp, args.steps)
     print(common.write("train_step", old))
     print(json.dumps(old["against_torch"], indent=1))

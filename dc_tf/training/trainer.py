@@ -521,10 +521,13 @@ class Trainer:
     # iterator sometimes blocked for ~19-47 s, idle (in 1 to 3 of the demo's 6 epochs; root
     # cause not found). The list is its only reference, so the thread's clear() is what
     # destroys it (handing the iterator itself over raced: whichever side dropped its
-    # reference last destroyed it, sometimes this one).
+    # reference last destroyed it, sometimes this one). Not a daemon thread: Python joins it
+    # before finalising, whereas a daemon thread still inside TF's destructor at exit is
+    # forced to unwind through C++ and aborts the process ("exception not rethrown"; seen
+    # on a worker that exits right after its last epoch).
     holder = [iterator]
     del iterator
-    threading.Thread(target=holder.clear, daemon=True).start()
+    threading.Thread(target=holder.clear, name="release-epoch-iterator").start()
     examples = max(seen * self.global_batch, 1)
     record = {"event": "epoch", "epoch": epoch, "step": int(self.step.numpy()),
               "lr": float(lrs[min(epoch * steps_per_epoch, len(lrs) - 1)]),
