@@ -26,7 +26,9 @@ flags.DEFINE_integer("probe_epochs", 60, "Epochs of the linear probe.")
 flags.DEFINE_integer("max_train_images", 0, "Cap on probe training images (0 = all).")
 flags.DEFINE_integer("cluster_k", 0, "k for cluster NMI (0 = number of labels).")
 flags.DEFINE_integer("seed", 0, "Seed of the twin and the probes.")
-flags.DEFINE_string("voc_dir", "", "A VOC2007 folder for the VOC classification probe.")
+flags.DEFINE_string("voc_dir", "", "A VOC2007 folder for the VOC classification probes.")
+flags.DEFINE_integer("voc_fc6_8_steps", 0, "Also run VOC's fc6-8 protocol for this many steps "
+                     "(the original: 150000; 0 = linear probe only).")
 FLAGS = flags.FLAGS
 
 
@@ -44,6 +46,7 @@ def main(argv):
       layers=FLAGS.layers, twin=FLAGS.baseline != "none", seed=FLAGS.seed,
       probe_epochs=FLAGS.probe_epochs, max_train_images=FLAGS.max_train_images,
       cluster_k=FLAGS.cluster_k, run_dir=run_dir, voc_dir=FLAGS.voc_dir,
+      voc_fc6_8_steps=FLAGS.voc_fc6_8_steps,
       model_config=loaded.model_config)
   print(open(os.path.join(output_dir, "report.md")).read())
   print(json.dumps(report.get("best_layer", {})))

@@ -2,8 +2,12 @@
 
   serving/   signatures `serving_default(image_bytes: string[B])` and
              `features_from_pixels(images: float32[B, H, W, 3] in 0..255)`, each returning
-             {'fc7': [B, D], 'conv<i>': [B, C_i] average-pooled}; decoding, resizing,
-             center crop, normalisation and Sobel are in the graph.
+             {'fc7': [B, D], 'conv<i>': [B, C_i] globally average-pooled} and the paper's probe
+             features, {'probe_<layer>': [B, <10k]} for conv2, conv4, conv7, conv10, conv13,
+             fc6, fc7: conv maps average-pooled with the smallest window that brings them
+             under 10,000 values (`metrics.pool_until`, what evaluate.py probes; windows and
+             sizes in the model card); decoding, resizing, center crop, normalisation and
+             Sobel are in the graph.
   trunk/     TF-Hub-style reusable trunk: `__call__(images, training)` -> fc7 features for
              normalised images, traced for training True and False, with `variables`,
              `trainable_variables`, `regularization_losses`; loads with
@@ -25,8 +29,11 @@ import tensorflow as tf
 
 from dc_tf.config import UserError
 from dc_tf.data import preprocess
+from dc_tf.evaluation import metrics
 
 DEFAULT_CONV_ENDPOINTS = ("conv4", "conv7", "conv10", "conv13")
+PROBE_LAYERS = ("conv2", "conv4", "conv7", "conv10", "conv13", "fc6", "fc7")  # evaluate.py's
+PROBE_MAX_DIM = 10000
 
 
 class ExportError(UserError, RuntimeError):
@@ -48,6 +55,8 @@ class ServingModule(tf.Module):
     feats = {"fc7": tf.cast(out["fc7"], tf.float32)}
     for name in self.conv_endpoints:
       feats[name] = tf.reduce_mean(tf.cast(out[name], tf.float32), axis=[1, 2])
+    for name in PROBE_LAYERS:
+      feats[f"probe_{name}"] = probe_pool(tf.cast(out[name], tf.float32))
     return feats
 
   def _prepare(self, image):
@@ -68,6 +77,30 @@ class ServingModule(tf.Module):
     images = tf.map_fn(self._prepare, images, fn_output_signature=tf.TensorSpec(
         [self.image_size, self.image_size, 3], tf.float32))
     return self._features(images)
+
+
+def probe_pool(x: tf.Tensor, max_dim: int = PROBE_MAX_DIM) -> tf.Tensor:
+  """`metrics.pool_until` in the graph: [B, H, W, C] -> [B, H'·W'·C] with the same window,
+  crop and (H', W', C) flattening order; vectors pass through."""
+  if x.shape.rank == 2:
+    return x
+  h, w, c = (int(d) for d in x.shape[1:])
+  s = metrics.pool_stride(h, w, c, max_dim)
+  hh, ww = h // s, w // s
+  pooled = tf.nn.avg_pool2d(x[:, :hh * s, :ww * s, :], s, s, "VALID")
+  return tf.reshape(pooled, [-1, hh * ww * c])
+
+
+def probe_layout(trunk: keras.Model, image_size: int) -> dict:
+  """{'probe_<layer>': {'layer', 'pool_window', 'dims'}} for the model card."""
+  shapes = trunk(tf.zeros([1, image_size, image_size, 3]), training=False)
+  layout = {}
+  for name in PROBE_LAYERS:
+    shape = [int(d) for d in shapes[name].shape[1:]]
+    window = metrics.pool_stride(*shape, PROBE_MAX_DIM) if len(shape) == 3 else 1
+    dims = (shape[0] // window) * (shape[1] // window) * shape[2] if len(shape) == 3 else shape[0]
+    layout[f"probe_{name}"] = {"layer": name, "pool_window": window, "dims": dims}
+  return layout
 
 
 class TrunkModule(tf.Module):
@@ -139,6 +172,7 @@ def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict
                    "on Non-Curated Data",
       "image_size": image_size, "epoch": epoch, "training_data": training_data,
       "parameters": int(trunk.count_params()), "conv_endpoints": list(conv_endpoints),
+      "probe_features": probe_layout(trunk, image_size),
       "config": config or {},
       "sha256": {"serving": _dir_sha256(serving_dir), "trunk": _dir_sha256(trunk_dir)},
       "inputs": {"serving_default": "encoded image bytes (JPEG/PNG/GIF/BMP), string[B]",

@@ -94,8 +94,7 @@ def tiny_shards(tmp_path_factory):
   """4 shards of 48 labelled images (3 classes) made with the project's writer."""
   root = tmp_path_factory.mktemp("tiny")
   images = write_image_folder(str(root / "images"), classes=3, per_class=16)
-  items = make_shards.collect_items("folder", images)
-  make_shards.write_shards(items, str(root / "shards"), "train", 4, seed=0, progress=False)
+  make_shards.write_shards("folder", images, str(root / "shards"), "train", 4, seed=0)
   return str(root / "shards" / "train-*.tfrecord")
 
 

@@ -53,8 +53,8 @@ def test_bad_records_on_one_worker_keep_workers_in_step(tmp_path, example):
   must run the same steps (else the collectives would hang) and the skips are counted."""
   from conftest import write_image_folder
   from dc_tf.data import make_shards
-  items = make_shards.collect_items("folder", write_image_folder(str(tmp_path / "img"), 3, 8))
-  make_shards.write_shards(items, str(tmp_path / "s"), "train", 4, progress=False)
+  make_shards.write_shards("folder", write_image_folder(str(tmp_path / "img"), 3, 8),
+                           str(tmp_path / "s"), "train", 4)
   from conftest import insert_records
   insert_records(str(tmp_path / "s" / "train-00000-of-00004.tfrecord"),
                  [example(data=b"not an image", image_id=10**6 + i).SerializeToString()

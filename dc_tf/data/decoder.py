@@ -15,7 +15,7 @@ OK, ZERO_BYTES, NOT_IMAGE, UNSUPPORTED, TRUNCATED, CORRUPT, MISSING_FIELD = rang
 STATUS_NAMES = ("ok", "zero_bytes", "not_image", "unsupported_format", "truncated", "corrupt",
                 "missing_field")
 
-_PARSE_SPEC = dict(schema.FEATURE_SPEC)
+_PARSE_SPEC = {k: v for k, v in schema.FEATURE_SPEC.items() if k not in schema.ARCHIVE_ONLY}
 # Parse required fields with sentinels so that a missing one can be reported with the file.
 _PARSE_SPEC[schema.ENCODED] = tf.io.FixedLenFeature([], tf.string, default_value="\0missing")
 _PARSE_SPEC[schema.FORMAT] = tf.io.FixedLenFeature([], tf.string, default_value="\0missing")

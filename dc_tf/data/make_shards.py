@@ -1,20 +1,25 @@
-r"""Writes sharded TFRecords (`<name>-00000-of-00064.tfrecord`) in the schema of `schema.py`.
+r"""Writes sharded TFRecords (`<name>-00000-of-00064.tfrecord`, schema in `schema.py`) with one
+Apache Beam pipeline, for every source, on any runner.
 
-Sources (--source):
-  folder        --input=DIR: every image below DIR; with one sub-folder per class the
-                sub-folder name is the label (sorted names -> 0..C-1).
-  list          --input=FILE: one `path[<TAB>label]` per line, paths relative to the file
-                or to --image_dir.
-  yfcc          --input=META.tsv --image_dir=DIR: YFCC100M-style metadata, one photo per line
-                `photo_id  user_id  tags  lat  lon  device` (tab-separated, optional header);
-                the image is DIR/<photo_id>.<ext>. The photo id becomes the image id.
-  tiny_imagenet --input=ZIP (train_250per_class.zip or val.zip, read in place)
-                with --split, --classes, --per_class.
+  source (sources.py) -> read + check each image -> group by content hash (duplicates,
+  placeholders) -> rank by a seeded hash of the image id -> group by shard -> write -> manifest
 
-Every image is decoded once while writing; corrupt, truncated, zero-byte and non-image
-files are skipped and counted. Shards are written in parallel (one process per shard),
-each to a temporary name then renamed, so an interrupted run resumes by skipping the
-shards that exist. The order is deterministic given --seed.
+- Checking reads and decodes every image once; zero-byte, non-image, truncated and corrupt
+  files are dropped and counted. Only metadata and a SHA-1 travel through the shuffles; the
+  writer reads each kept image again (and drops it, counted, if its bytes changed meanwhile).
+- Byte-identical images keep the one with the smallest id; the rest are dropped as duplicates.
+  A hash shared by `--placeholder_min_copies` images or more, or listed in `--placeholder_sha1`,
+  is a placeholder ("photo no longer available"): all its copies are dropped.
+- Image i's place in the output is a function of its id: its rank in the order of
+  sha1(seed:id) (seed < 0: the order of the ids), cut into equal runs, so shards differ in size
+  by at most one record and a rerun with the same inputs and options writes the same bytes.
+- Each shard is written to a temporary name and renamed; a shard that exists is kept, so an
+  interrupted run resumes. `<name>.json` records the counts per reason, the shard sizes and
+  the options; the same counts are Beam counters (namespace `make_shards`).
+
+Runners: the default DirectRunner runs here (Beam's FnApiRunner: `--direct_num_workers=N
+--direct_running_mode=multi_processing` for N processes); `--runner=DataflowRunner|FlinkRunner|
+SparkRunner` with Beam's own options runs the same pipeline on a cluster (see README).
 
 Example (the embedded demo set, see README):
   python -m dc_tf.data.make_shards --source=tiny_imagenet \
@@ -25,312 +30,425 @@ Example (the embedded demo set, see README):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import multiprocessing
+import logging
 import os
+import threading
 import zipfile
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import numpy as np
+import apache_beam as beam
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+from dc_tf.data import schema, sources
+from dc_tf.data.sources import DROPPED, Item, drop
+
+BUCKET_BITS = 12  # ranks are computed in 4096 buckets of the order-hash range
 
 
 @dataclasses.dataclass(frozen=True)
-class Item:
-  """One image to write: where its bytes are, and what we know about it."""
-  key: str                      # stable name, hashed to the image id unless image_id is set
-  path: str                     # file path, or member name inside `zip_path`
-  zip_path: str = ""
-  image_id: int = -1
-  label: int = -1
-  label_text: str = ""
-  user_id: str = ""
-  tags: str = ""
-  lat: float = float("nan")
-  lon: float = float("nan")
-  device: str = ""
+class ShardOptions:
+  """One run's settings, built once from the flags (or by a caller)."""
+  source: str
+  input: str
+  output_dir: str
+  name: str = "train"
+  image_dir: str = ""
+  image_list: str = ""
+  split: str = "train"
+  classes: tuple[str, ...] = ()
+  per_class: int = 0
+  drop_labels: bool = False
+  num_shards: int = 0
+  shard_size: int = 1024
+  seed: int = 0
+  dedupe: bool = True
+  placeholder_min_copies: int = 50
+  placeholder_sha1: tuple[str, ...] = ()
+  long_tail_exponent: float = 0.0
+  long_tail_size: int = 0
+  near_duplicate_fraction: float = 0.5
+  beam_args: tuple[str, ...] = ()
 
-  def read(self, zip_file: zipfile.ZipFile | None = None) -> bytes:
-    if self.zip_path:
-      return zip_file.read(self.path)
-    with open(self.path, "rb") as f:
-      return f.read()
-
-
-# ----------------------------------------------------------------------------- sources
-def _is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def items_from_folder(root: str) -> list[Item]:
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"--input folder not found: {root}")
-  paths = []
-  for dirpath, _, files in os.walk(root):
-    paths += [os.path.join(dirpath, f) for f in files if _is_image(f)]
-  rel = sorted(os.path.relpath(p, root) for p in paths)
-  classes = sorted({r.split(os.sep)[0] for r in rel if os.sep in r})
-  index = {c: i for i, c in enumerate(classes)}
-  items = []
-  for r in rel:
-    cls = r.split(os.sep)[0] if os.sep in r else ""
-    items.append(Item(key=r, path=os.path.join(root, r), label=index.get(cls, -1), label_text=cls))
-  return items
+  def validate(self) -> "ShardOptions":
+    if self.source not in ("folder", "list", "yfcc", "tiny_imagenet"):
+      raise ValueError(f"--source must be folder, list, yfcc or tiny_imagenet, got {self.source!r}")
+    if self.num_shards < 0 or self.shard_size < 1:
+      raise ValueError("--num_shards must be >= 0 and --shard_size >= 1")
+    if self.long_tail_exponent < 0 or (self.long_tail_exponent and self.long_tail_size < 1):
+      raise ValueError("--long_tail_exponent must be >= 0 and needs --long_tail_size >= 1")
+    if not 0 <= self.near_duplicate_fraction <= 1:
+      raise ValueError("--near_duplicate_fraction must be in [0, 1]")
+    return self
 
 
-def items_from_list(list_file: str, image_dir: str = "") -> list[Item]:
-  if not os.path.isfile(list_file):
-    raise FileNotFoundError(f"--input list file not found: {list_file}")
-  base = image_dir or os.path.dirname(os.path.abspath(list_file))
-  items = []
-  with open(list_file) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip() or line.startswith("#"):
-        continue
-      parts = line.split("\t")
-      try:
-        label = int(parts[1]) if len(parts) > 1 and parts[1] else -1
-      except ValueError as e:
-        raise ValueError(f"{list_file}:{lineno}: label must be an integer: {parts[1]!r}") from e
-      path = parts[0] if os.path.isabs(parts[0]) else os.path.join(base, parts[0])
-      items.append(Item(key=parts[0], path=path, label=label))
-  return items
+@dataclasses.dataclass(frozen=True)
+class Checked:
+  """An image that decoded: its item plus what the check learnt."""
+  item: Item
+  image_id: int
+  sha1: str
+  fmt: str
+  height: int
+  width: int
 
 
-def _float_or_nan(s: str) -> float:
+# ----------------------------------------------------------------------------- reading
+_OPEN_ZIPS = threading.local()  # one ZipFile per zip and thread: its index takes ~0.1 s to read
+
+
+def read_bytes(item: Item) -> bytes:
+  import tensorflow as tf
+  if item.zip_path:
+    zips = _OPEN_ZIPS.__dict__.setdefault("zips", {})
+    if item.zip_path not in zips:
+      zips[item.zip_path] = zipfile.ZipFile(tf.io.gfile.GFile(item.zip_path, "rb"))
+    data = zips[item.zip_path].read(item.path)
+  else:
+    with tf.io.gfile.GFile(item.path, "rb") as f:
+      data = f.read()
+  return near_duplicate(data, item.key) if item.variant == 2 else data
+
+
+def near_duplicate(data: bytes, key: str) -> bytes:
+  """The same photo, not the same bytes: an 80-95% crop off the top-left corner (the share
+  set by `key`, so two copies of one photo differ too), resized back and re-encoded as JPEG at
+  quality 85; deterministic. Bytes that do not decode stay as they are."""
+  import tensorflow as tf
   try:
-    return float(s)
-  except ValueError:
-    return float("nan")
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+    return data
+  keep = 0.80 + 0.15 * (schema.stable_id(key) % 1000) / 1000
+  h, w = int(image.shape[0]), int(image.shape[1])
+  crop = image[:max(1, int(h * keep)), :max(1, int(w * keep))]
+  resized = tf.cast(tf.clip_by_value(tf.image.resize(crop, [h, w]), 0, 255), tf.uint8)
+  return tf.io.encode_jpeg(resized, quality=85).numpy()
 
 
-def items_from_yfcc(meta_tsv: str, image_dir: str) -> list[Item]:
-  if not os.path.isfile(meta_tsv):
-    raise FileNotFoundError(f"--input metadata TSV not found: {meta_tsv}")
-  if not os.path.isdir(image_dir):
-    raise FileNotFoundError(f"--image_dir not found: {image_dir}")
-  by_stem = {os.path.splitext(f)[0]: f for f in os.listdir(image_dir) if _is_image(f)}
-  items, missing = [], 0
-  with open(meta_tsv, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      cols = line.rstrip("\n").split("\t")
-      if lineno == 1 and not cols[0].isdigit():
-        continue  # header
-      if len(cols) < 6:
-        raise ValueError(f"{meta_tsv}:{lineno}: expected 6 tab-separated columns "
-                         "(photo_id user_id tags lat lon device), got {len(cols)}")
-      photo_id, user_id, tags, lat, lon, device = cols[:6]
-      if photo_id not in by_stem:
-        missing += 1
-        continue
-      items.append(Item(key=photo_id, path=os.path.join(image_dir, by_stem[photo_id]),
-                        image_id=int(photo_id), user_id=user_id, tags=tags,
-                        lat=_float_or_nan(lat), lon=_float_or_nan(lon), device=device))
-  if missing:
-    print(f"yfcc: {missing} photos in {meta_tsv} have no image in {image_dir} (skipped)")
-  return items
+def check_image(data: bytes) -> tuple[str, str, int, int]:
+  """(reason it is dropped or '', format, height, width)."""
+  import tensorflow as tf
+  if not data:
+    return "zero bytes", "", 0, 0
+  fmt = schema.sniff_format(data)
+  if fmt is None:
+    return "not an image", "", 0, 0
+  if fmt == "jpeg" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    return "truncated jpeg", fmt, 0, 0
+  try:
+    image = tf.io.decode_image(data, channels=0, expand_animations=False)
+  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+    return f"corrupt {fmt}", fmt, 0, 0
+  return "", fmt, int(image.shape[0]), int(image.shape[1])
 
 
-def items_from_tiny_imagenet(zip_path: str, split: str, classes: Sequence[str] = (),
-                             per_class: int = 0, drop_labels: bool = False) -> list[Item]:
-  """Tiny ImageNet read in place from its zip: train/<wnid>/images/*.JPEG or val/images."""
-  if not os.path.isfile(zip_path):
-    raise FileNotFoundError(f"--input zip not found: {zip_path}")
-  with zipfile.ZipFile(zip_path) as z:
-    names = z.namelist()
-    words = dict(line.split("\t", 1) for line in
-                 z.read("tiny-imagenet-200/words.txt").decode().splitlines() if "\t" in line)
-    if split == "train":
-      pairs = [(n, n.split("/")[2]) for n in names if "/train/" in n and _is_image(n)]
-    elif split == "val":
-      ann = z.read("tiny-imagenet-200/val/val_annotations.txt").decode().splitlines()
-      wnid_of = dict(line.split("\t")[:2] for line in ann if line)
-      pairs = [(n, wnid_of[os.path.basename(n)]) for n in names
-               if "/val/images/" in n and _is_image(n)]
+class ReadAndCheck(beam.DoFn):
+  def process(self, item: Item):
+    import tensorflow as tf
+    try:
+      data = read_bytes(item)
+    except (OSError, KeyError, tf.errors.OpError):
+      yield drop("unreadable")
+      return
+    why, fmt, height, width = check_image(data)
+    if why:
+      yield drop(why)
+      return
+    sources.counter("decoded").inc()
+    yield Checked(item, sources.id_of(item), hashlib.sha1(data).hexdigest(), fmt, height, width)
+
+
+# ----------------------------------------------------------------------------- dedupe
+def keep_one_per_hash(element, min_copies: int, known: frozenset, dedupe: bool):
+  """All images with one SHA-1: a placeholder (all dropped), else the smallest id is kept and
+  the others are duplicates (kept too with `dedupe=False`)."""
+  sha1, copies = element
+  copies = sorted(copies, key=lambda c: c.image_id)
+  if sha1 in known or (min_copies and len(copies) >= min_copies):
+    for _ in copies:
+      yield drop("placeholder")
+    return
+  yield copies[0]
+  for c in copies[1:]:
+    if dedupe:
+      yield drop("duplicate")
     else:
-      raise ValueError(f"--split must be train or val, got {split!r}")
-  wanted = sorted(classes) if classes else sorted({w for _, w in pairs})
-  unknown = set(wanted) - {w for _, w in pairs}
-  if unknown:
-    raise ValueError(f"--classes not in {zip_path}: {sorted(unknown)}")
-  index = {w: i for i, w in enumerate(wanted)}
-  per: dict[str, list[str]] = {w: [] for w in wanted}
-  for name, wnid in sorted(pairs):
-    if wnid in per:
-      per[wnid].append(name)
-  items = []
-  for wnid in wanted:
-    members = per[wnid][:per_class] if per_class else per[wnid]
-    for name in members:
-      text = words.get(wnid, wnid).split(",")[0]
-      items.append(Item(key=name, path=name, zip_path=zip_path,
-                        label=-1 if drop_labels else index[wnid],
-                        label_text="" if drop_labels else text))
-  return items
+      yield c
 
 
-# ----------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------- layout
+def order_key(image_id: int, seed: int) -> int:
+  """A 63-bit key that orders the images: a seeded hash of the id, or the id for seed < 0."""
+  if seed < 0:
+    return image_id
+  return int.from_bytes(hashlib.sha1(f"{seed}:{image_id}".encode()).digest()[:8], "big") >> 1
+
+
+def bucket_of(key: int) -> int:
+  return key >> (63 - BUCKET_BITS)
+
+
+def layout(bucket_counts: dict, num_shards: int, shard_size: int) -> tuple[int, int, dict]:
+  """(images, shards, first rank of each bucket)."""
+  total = sum(bucket_counts.values())
+  shards = num_shards or -(-total // shard_size)
+  shards = max(1, min(shards, total))
+  offsets, at = {}, 0
+  for b in sorted(bucket_counts):
+    offsets[b] = at
+    at += bucket_counts[b]
+  return total, shards, offsets
+
+
 def shard_name(output_dir: str, name: str, index: int, total: int) -> str:
   return os.path.join(output_dir, f"{name}-{index:05d}-of-{total:05d}.tfrecord")
 
 
-def plan_shards(items: Sequence[Item], num_shards: int, seed: int) -> list[list[Item]]:
-  """Sorted by key, shuffled with `seed` (seed < 0 keeps sorted order), then cut into
-  `num_shards` contiguous runs: the same inputs always give the same shards."""
-  ordered = sorted(items, key=lambda it: it.key)
-  if seed >= 0:
-    perm = np.random.RandomState(seed).permutation(len(ordered))
-    ordered = [ordered[i] for i in perm]
-  return [list(chunk) for chunk in np.array_split(np.array(ordered, dtype=object), num_shards)]
+class RankInBucket(beam.DoFn):
+  """Each image's global rank: its bucket's first rank plus its rank inside the bucket."""
+
+  def __init__(self, num_shards: int, shard_size: int, seed: int):
+    super().__init__()
+    self._args = (num_shards, shard_size)
+    self._seed = seed
+    self._layout = None
+
+  def process(self, element, bucket_counts):
+    if self._layout is None:  # the side input is the same for every bucket
+      self._layout = layout(bucket_counts, *self._args)
+    total, shards, offsets = self._layout
+    bucket, members = element
+    members = sorted(members, key=lambda c: (order_key(c.image_id, self._seed), c.image_id))
+    for r, c in enumerate(members):
+      position = offsets[bucket] + r
+      yield position * shards // total, (position, c)
 
 
-def _encode_item(item: Item, zip_file) -> tuple[bytes | None, str]:
-  """Returns (serialized example, '') or (None, reason it was skipped)."""
+class WriteShard(beam.DoFn):
+  """Writes one shard's records in rank order, to a temporary name then renamed."""
+
+  def __init__(self, output_dir: str, name: str, num_shards: int, shard_size: int):
+    super().__init__()
+    self._args = (output_dir, name, num_shards, shard_size)
+
+  def process(self, element, bucket_counts):
+    import tensorflow as tf
+    output_dir, name, num_shards, shard_size = self._args
+    index, members = element
+    _, shards, _ = layout(bucket_counts, num_shards, shard_size)
+    path = shard_name(output_dir, name, index, shards)
+    if tf.io.gfile.exists(path):
+      records = sum(1 for _ in tf.data.TFRecordDataset(path))
+      sources.counter("resumed shards").inc()
+      yield {"shard": index, "file": os.path.basename(path), "records": records, "resumed": True}
+      return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    written = 0
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for _, c in sorted(members, key=lambda m: m[0]):
+        try:
+          data = read_bytes(c.item)
+        except (OSError, KeyError, tf.errors.OpError):
+          data = b""
+        if hashlib.sha1(data).hexdigest() != c.sha1:
+          yield drop("changed while writing")
+          continue
+        it = c.item
+        writer.write(schema.make_example(
+            data, c.fmt, c.height, c.width, c.image_id, label=it.label, label_text=it.label_text,
+            user_id=it.user_id, tags=it.tags, lat=it.lat, lon=it.lon, device=it.device,
+            machine_tags=it.machine_tags, date_taken=it.date_taken, url=it.url)
+            .SerializeToString(deterministic=True))
+        written += 1
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    sources.counter("written").inc(written)
+    logging.info("wrote %s (%d records)", path, written)
+    yield {"shard": index, "file": os.path.basename(path), "records": written, "resumed": False}
+
+
+# ----------------------------------------------------------------------------- manifest
+def write_manifest(_, opts: ShardOptions, pipeline_options: dict, read: int, dropped: dict,
+                   shards: list, labels: list) -> None:
   import tensorflow as tf
-  from dc_tf.data import schema
-  try:
-    data = item.read(zip_file)
-  except (OSError, KeyError) as e:
-    return None, f"unreadable ({e})"
-  if not data:
-    return None, "zero bytes"
-  fmt = schema.sniff_format(data)
-  if fmt is None:
-    return None, "not an image"
-  if fmt == "jpeg" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-    return None, "truncated jpeg"
-  try:
-    image = tf.io.decode_image(data, channels=0, expand_animations=False)
-    height, width = int(image.shape[0]), int(image.shape[1])
-  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    return None, f"corrupt {fmt} ({str(e).splitlines()[0][:80]})"
-  image_id = item.image_id if item.image_id >= 0 else schema.stable_id(item.key)
-  example = schema.make_example(data, fmt, height, width, image_id, label=item.label,
-                                label_text=item.label_text, user_id=item.user_id,
-                                tags=item.tags, lat=item.lat, lon=item.lon, device=item.device)
-  return example.SerializeToString(), ""
-
-
-def write_shard(task: tuple[str, list[Item]]) -> dict:
-  """Writes one shard; returns its counts. Skips the shard if it already exists."""
-  import tensorflow as tf
-  path, items = task
-  if tf.io.gfile.exists(path):
-    return {"path": path, "written": -1, "skipped": 0, "resumed": True, "reasons": {}}
-  tmp = f"{path}.tmp-{os.getpid()}"
-  zips: dict[str, zipfile.ZipFile] = {}
-  written, reasons = 0, {}
-  with tf.io.TFRecordWriter(tmp) as writer:
-    for item in items:
-      zf = None
-      if item.zip_path:
-        if item.zip_path not in zips:
-          zips[item.zip_path] = zipfile.ZipFile(item.zip_path)
-        zf = zips[item.zip_path]
-      record, why = _encode_item(item, zf)
-      if record is None:
-        reasons[why.split(" (")[0]] = reasons.get(why.split(" (")[0], 0) + 1
-        print(f"skipped {item.key}: {why}", flush=True)
-        continue
-      writer.write(record)
-      written += 1
-  for zf in zips.values():
-    zf.close()
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return {"path": path, "written": written, "skipped": sum(reasons.values()),
-          "resumed": False, "reasons": reasons}
-
-
-def write_shards(items: Sequence[Item], output_dir: str, name: str, num_shards: int,
-                 seed: int = 0, num_workers: int = 0, progress: bool = True) -> dict:
-  """Writes all shards (in `num_workers` processes; 0 = in this process) and a
-  `<name>.json` summary next to them. Returns the summary."""
-  import tensorflow as tf
-  from tqdm import tqdm
-  if not items:
-    raise ValueError("no images found for the given --input")
-  num_shards = max(1, min(num_shards, len(items)))
-  tf.io.gfile.makedirs(output_dir)
-  plan = plan_shards(items, num_shards, seed)
-  tasks = [(shard_name(output_dir, name, i, num_shards), chunk) for i, chunk in enumerate(plan)]
-  bar = tqdm(total=len(items), unit="img", desc=f"writing {name}", disable=not progress)
-  results = []
-  if num_workers > 0:
-    ctx = multiprocessing.get_context("spawn")  # TF is not fork-safe
-    with ctx.Pool(num_workers) as pool:
-      for (path, chunk), res in zip(tasks, pool.imap(write_shard, tasks)):
-        results.append(res)
-        bar.update(len(chunk))
-  else:
-    for task in tasks:
-      results.append(write_shard(task))
-      bar.update(len(task[1]))
-  bar.close()
-  reasons: dict[str, int] = {}
-  for r in results:
-    for why, n in r["reasons"].items():
-      reasons[why] = reasons.get(why, 0) + n
-  summary = {
-      "name": name, "num_shards": num_shards, "images_in": len(items),
-      "written": sum(r["written"] for r in results if not r["resumed"]),
-      "skipped": sum(r["skipped"] for r in results), "skip_reasons": reasons,
-      "resumed_shards": sum(r["resumed"] for r in results), "seed": seed,
-      "labels": sorted({(it.label, it.label_text) for it in items if it.label >= 0}),
+  shards = sorted(shards, key=lambda s: s["shard"])
+  sizes = [s["records"] for s in shards]
+  mean = sum(sizes) / max(1, len(sizes))
+  manifest = {
+      "name": opts.name, "num_shards": len(shards), "images_in": read,
+      "records": sum(sizes), "dropped": dict(sorted(dropped.items())),
+      "dropped_total": sum(dropped.values()),
+      "shard_sizes": {"min": min(sizes, default=0), "max": max(sizes, default=0), "mean": mean,
+                      "max_deviation_pct": 100 * max((abs(s - mean) for s in sizes), default=0)
+                      / max(mean, 1)},
+      "shards": [{"file": s["file"], "records": s["records"], "resumed": s["resumed"]}
+                 for s in shards],
+      "resumed_shards": sum(s["resumed"] for s in shards),
+      "labels": sorted(labels),
+      "options": {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in dataclasses.asdict(opts).items()},
+      "pipeline_options": pipeline_options,
   }
-  with tf.io.gfile.GFile(os.path.join(output_dir, f"{name}.json"), "w") as f:
-    f.write(json.dumps(summary, indent=1))
-  return summary
+  with tf.io.gfile.GFile(os.path.join(opts.output_dir, f"{opts.name}.json"), "w") as f:
+    f.write(json.dumps(manifest, indent=1))
 
 
-def collect_items(source: str, input_path: str, image_dir: str = "", split: str = "train",
-                  classes: Iterable[str] = (), per_class: int = 0,
-                  drop_labels: bool = False) -> list[Item]:
-  if source == "folder":
-    items = items_from_folder(input_path)
-  elif source == "list":
-    items = items_from_list(input_path, image_dir)
-  elif source == "yfcc":
-    items = items_from_yfcc(input_path, image_dir)
-  elif source == "tiny_imagenet":
-    return items_from_tiny_imagenet(input_path, split, list(classes), per_class, drop_labels)
-  else:
-    raise ValueError(f"--source must be folder, list, yfcc or tiny_imagenet, got {source!r}")
-  if drop_labels:
-    items = [dataclasses.replace(it, label=-1, label_text="") for it in items]
-  return items
+# ----------------------------------------------------------------------------- pipeline
+def source_items(p, opts: ShardOptions):
+  """(items, dropped-by-source PCollections) for `opts.source`."""
+  if opts.source == "folder":
+    return p | "Folder" >> sources.FolderSource(opts.input), []
+  if opts.source == "list":
+    out = p | "List" >> sources.ListSource(opts.input, opts.image_dir)
+    return out["items"], [out[DROPPED]]
+  if opts.source == "yfcc":
+    out = p | "YFCC100M" >> sources.YfccSource(opts.input, opts.image_dir, opts.image_list)
+    return out["items"], [out[DROPPED]]
+  items = sources.tiny_imagenet_items(opts.input, opts.split, opts.classes, opts.per_class)
+  return p | "Tiny ImageNet" >> beam.Create(items, reshuffle=True), []
+
+
+def build(p, opts: ShardOptions, pipeline_options: dict) -> None:
+  items, dropped = source_items(p, opts)
+  if opts.long_tail_exponent:
+    items = items | "Long tail" >> sources.LongTail(
+        opts.long_tail_size, opts.long_tail_exponent, opts.near_duplicate_fraction, opts.seed)
+  if opts.drop_labels:
+    items = items | "Drop labels" >> beam.Map(
+        lambda it: dataclasses.replace(it, label=-1, label_text=""))
+  checked = items | "Read and check" >> beam.ParDo(ReadAndCheck()).with_outputs(DROPPED, main="ok")
+  kept = (checked.ok | "By content" >> beam.Map(lambda c: (c.sha1, c))
+          | "Group copies" >> beam.GroupByKey()
+          | "Duplicates, placeholders" >> beam.FlatMap(
+              keep_one_per_hash, opts.placeholder_min_copies,
+              frozenset(opts.placeholder_sha1), opts.dedupe).with_outputs(DROPPED, main="kept"))
+  keyed = kept.kept | "By bucket" >> beam.Map(
+      lambda c: (bucket_of(order_key(c.image_id, opts.seed)), c))
+  counts = beam.pvalue.AsDict(keyed | "Bucket sizes" >> beam.combiners.Count.PerKey())
+  written = (keyed | "Group buckets" >> beam.GroupByKey()
+             | "Rank" >> beam.ParDo(RankInBucket(opts.num_shards, opts.shard_size, opts.seed),
+                                    counts)
+             | "Group shards" >> beam.GroupByKey()
+             | "Write" >> beam.ParDo(WriteShard(opts.output_dir, opts.name, opts.num_shards,
+                                                opts.shard_size), counts)
+             .with_outputs(DROPPED, main="shards"))
+  all_dropped = ((*dropped, checked[DROPPED], kept[DROPPED], written[DROPPED])
+                 | "All dropped" >> beam.Flatten() | "Per reason" >> beam.CombinePerKey(sum))
+  labels = (items | "Labels" >> beam.Map(lambda it: (it.label, it.label_text))
+            | beam.Filter(lambda lt: lt[0] >= 0) | beam.Distinct())
+  read = items | "Count read" >> beam.combiners.Count.Globally()
+  _ = (p | "Manifest" >> beam.Create([None])
+       | beam.Map(write_manifest, opts, pipeline_options, beam.pvalue.AsSingleton(read),
+                  beam.pvalue.AsDict(all_dropped), beam.pvalue.AsList(written.shards),
+                  beam.pvalue.AsList(labels)))
+
+
+def pipeline_runner(options):
+  """Beam's DirectRunner first tries Prism, a binary it downloads; we run its batch engine,
+  the FnApiRunner, directly, so a machine without internet runs the default as it is."""
+  from apache_beam.options.pipeline_options import StandardOptions
+  runner = options.view_as(StandardOptions).runner
+  if runner in (None, "DirectRunner", "direct", "FnApiRunner"):
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    return FnApiRunner()
+  return runner
+
+
+def counters(result) -> dict:
+  """The pipeline's `make_shards` counters, by name (committed values where the runner has
+  them)."""
+  out = {}
+  for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace(
+      sources.COUNTER_NAMESPACE))["counters"]:
+    value = c.committed if c.committed is not None else c.attempted
+    out[c.key.metric.name] = out.get(c.key.metric.name, 0) + value
+  return out
+
+
+def run(opts: ShardOptions) -> dict:
+  """Runs the pipeline to the end; returns the manifest plus the Beam counters."""
+  import tensorflow as tf
+  from apache_beam.options.pipeline_options import PipelineOptions
+  opts.validate()
+  options = PipelineOptions(list(opts.beam_args))
+  recorded = options.get_all_options(drop_default=True, retain_unknown_options=True)
+  tf.io.gfile.makedirs(opts.output_dir)
+  p = beam.Pipeline(runner=pipeline_runner(options), options=options)
+  build(p, opts, {k: v for k, v in recorded.items() if isinstance(v, (str, int, float, bool))})
+  result = p.run()
+  result.wait_until_finish()
+  with tf.io.gfile.GFile(os.path.join(opts.output_dir, f"{opts.name}.json")) as f:
+    manifest = json.load(f)
+  manifest["beam_counters"] = counters(result)
+  if not manifest["records"]:
+    raise ValueError(f"no images written from --input={opts.input}: "
+                     f"dropped {manifest['dropped'] or 'nothing (no images found)'}")
+  return manifest
+
+
+def write_shards(source: str, input_path: str, output_dir: str, name: str = "train",
+                 num_shards: int = 0, seed: int = 0, **kw) -> dict:
+  """`run` for callers that have no flags (tests, benchmarks)."""
+  return run(ShardOptions(source=source, input=input_path, output_dir=output_dir, name=name,
+                          num_shards=num_shards, seed=seed, **kw))
+
+
+# ----------------------------------------------------------------------------- command line
+def options_from_flags(f, beam_args: Sequence[str]) -> ShardOptions:
+  sha1 = f.placeholder_sha1
+  if sha1 and os.path.isfile(sha1):
+    with open(sha1) as fh:
+      sha1 = ",".join(line.split()[0] for line in fh if line.strip() and not line.startswith("#"))
+  return ShardOptions(
+      source=f.source, input=f.input, output_dir=f.output_dir, name=f.name,
+      image_dir=f.image_dir, image_list=f.image_list, split=f.split,
+      classes=tuple(c for c in f.classes.split(",") if c), per_class=f.per_class,
+      drop_labels=f.drop_labels, num_shards=f.num_shards, shard_size=f.shard_size, seed=f.seed,
+      dedupe=f.dedupe, placeholder_min_copies=f.placeholder_min_copies,
+      placeholder_sha1=tuple(s for s in sha1.split(",") if s),
+      long_tail_exponent=f.long_tail_exponent, long_tail_size=f.long_tail_size,
+      near_duplicate_fraction=f.near_duplicate_fraction, beam_args=tuple(beam_args)).validate()
 
 
 def main(argv):
-  del argv
   from absl import flags
-  f = flags.FLAGS
-  items = collect_items(f.source, f.input, f.image_dir, f.split,
-                        [c for c in f.classes.split(",") if c], f.per_class, f.drop_labels)
-  num_shards = f.num_shards or max(1, -(-len(items) // f.shard_size))
-  summary = write_shards(items, f.output_dir, f.name, num_shards, f.seed, f.num_workers)
-  print(json.dumps({k: v for k, v in summary.items() if k != "labels"}, indent=1))
+  logging.getLogger().setLevel(logging.INFO)
+  manifest = run(options_from_flags(flags.FLAGS, argv[1:]))
+  print(json.dumps({k: v for k, v in manifest.items()
+                    if k not in ("labels", "shards", "options")}, indent=1))
 
 
 def define_flags():
   from absl import flags
   flags.DEFINE_enum("source", "folder", ["folder", "list", "yfcc", "tiny_imagenet"], "Input kind.")
-  flags.DEFINE_string("input", None, "Folder, list file, metadata TSV or zip.", required=True)
-  flags.DEFINE_string("image_dir", "", "Image folder for --source=list/yfcc.")
+  flags.DEFINE_string("input", None, "Folder, list file, YFCC100M metadata file or zip.",
+                      required=True)
+  flags.DEFINE_string("image_dir", "", "list: base folder of the paths; yfcc: folder tree of "
+                      "images named <photo_id>.<ext> at any depth.")
+  flags.DEFINE_string("image_list", "", "yfcc: `photo_id<TAB>path` lines (instead of a walk).")
   flags.DEFINE_string("output_dir", None, "Where shards go (local or gs://).", required=True)
   flags.DEFINE_string("name", "train", "Shard name prefix.")
   flags.DEFINE_integer("num_shards", 0, "Number of shards; 0 = from --shard_size.")
   flags.DEFINE_integer("shard_size", 1024, "Images per shard when --num_shards=0.")
-  flags.DEFINE_integer("seed", 0, "Shuffle seed for the image order; < 0 keeps sorted order.")
-  flags.DEFINE_integer("num_workers", min(8, os.cpu_count() or 1), "Writer processes; 0 = inline.")
+  flags.DEFINE_integer("seed", 0, "Seed of the image order; < 0 orders by image id.")
+  flags.DEFINE_bool("dedupe", True, "Drop byte-identical copies (the smallest id is kept).")
+  flags.DEFINE_integer("placeholder_min_copies", 50, "A hash with this many copies or more is "
+                       "a placeholder image, all dropped (0 = never).")
+  flags.DEFINE_string("placeholder_sha1", "", "Known placeholder SHA-1s: comma-separated, or a "
+                      "file with one a line.")
   flags.DEFINE_string("split", "train", "tiny_imagenet: train or val.")
   flags.DEFINE_string("classes", "", "tiny_imagenet: comma-separated wnids (default all).")
   flags.DEFINE_integer("per_class", 0, "tiny_imagenet: images per class (0 = all).")
   flags.DEFINE_bool("drop_labels", False, "Write no labels (training pools are label-free).")
+  flags.DEFINE_float("long_tail_exponent", 0.0, "Resample a labelled source to Zipf class sizes "
+                     "with this exponent (0 = off); needs --long_tail_size.")
+  flags.DEFINE_integer("long_tail_size", 0, "Images in the long-tailed pool.")
+  flags.DEFINE_float("near_duplicate_fraction", 0.5, "Long tail: share of the copies that are "
+                     "near duplicates (re-encoded crops) rather than exact ones.")
 
 
 if __name__ == "__main__":
-  from absl import app
+  from absl import app, flags as absl_flags
   define_flags()
-  app.run(main)
+  # Flags this module does not define are Beam's pipeline options (--runner, --project, ...).
+  app.run(main, flags_parser=lambda argv: absl_flags.FLAGS(argv, known_only=True))

@@ -13,6 +13,12 @@ Each record is a `tf.train.Example` with these features:
   meta/tags         bytes   optional, comma-separated
   meta/lat, meta/lon float  optional, NaN when absent
   meta/device       bytes   optional (camera make/model)
+  meta/machine_tags bytes   optional, comma-separated (YFCC100M)
+  meta/date_taken   bytes   optional, as the source gives it (YFCC100M: 'YYYY-MM-DD hh:mm:ss.0')
+  meta/url          bytes   optional, the download URL (YFCC100M)
+
+The last three are kept for provenance and later filtering; the training reader does not parse
+them (`ARCHIVE_ONLY`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ TAGS = "meta/tags"
 LAT = "meta/lat"
 LON = "meta/lon"
 DEVICE = "meta/device"
+MACHINE_TAGS = "meta/machine_tags"
+DATE_TAKEN = "meta/date_taken"
+URL = "meta/url"
+ARCHIVE_ONLY = (MACHINE_TAGS, DATE_TAKEN, URL)
 
 REQUIRED = (ENCODED, FORMAT, HEIGHT, WIDTH, IMAGE_ID)
 METADATA_FIELDS = (USER_ID, TAGS, DEVICE)  # string metadata usable for NMI
@@ -52,6 +62,9 @@ FEATURE_SPEC = {
     LAT: tf.io.FixedLenFeature([], tf.float32, default_value=math.nan),
     LON: tf.io.FixedLenFeature([], tf.float32, default_value=math.nan),
     DEVICE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    MACHINE_TAGS: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    DATE_TAKEN: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    URL: tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 
 _MAGIC = (
@@ -92,7 +105,8 @@ def _float(v):
 def make_example(encoded: bytes, fmt: str, height: int, width: int, image_id: int,
                  label: int = -1, label_text: str = "", user_id: str = "",
                  tags: str = "", lat: float = math.nan, lon: float = math.nan,
-                 device: str = "") -> tf.train.Example:
+                 device: str = "", machine_tags: str = "", date_taken: str = "",
+                 url: str = "") -> tf.train.Example:
   feature = {
       ENCODED: _bytes(encoded),
       FORMAT: _bytes(fmt.encode()),
@@ -101,7 +115,8 @@ def make_example(encoded: bytes, fmt: str, height: int, width: int, image_id: in
       IMAGE_ID: _int(image_id),
       LABEL: _int(label),
   }
-  optional = {LABEL_TEXT: label_text, USER_ID: user_id, TAGS: tags, DEVICE: device}
+  optional = {LABEL_TEXT: label_text, USER_ID: user_id, TAGS: tags, DEVICE: device,
+              MACHINE_TAGS: machine_tags, DATE_TAKEN: date_taken, URL: url}
   for key, value in optional.items():
     if value:
       feature[key] = _bytes(value.encode("utf-8"))

@@ -133,7 +133,7 @@ def gps_cells(lat: np.ndarray, lon: np.ndarray, degrees: float = 1.0) -> np.ndar
 def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: str,
              output_dir: str, layers=DEFAULT_LAYERS, twin: bool = True, seed: int = 0,
              probe_epochs: int = 60, max_train_images: int = 0, cluster_k: int = 0,
-             run_dir: str = "", voc_dir: str = "",
+             run_dir: str = "", voc_dir: str = "", voc_fc6_8_steps: int = 0,
              model_config: ModelConfig | None = None) -> dict:
   """Scores `trained` (None: the random twin alone) and writes report.json / report.md /
   probe_layers.png / clusters.png in `output_dir`."""
@@ -158,7 +158,8 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
     res = {"pool_sizes": strides, "probe": {}, "knn": {}}
     for layer in layers:
       res["probe"][layer] = probes.linear_probe(train_f[layer], train_f["label"], test_f[layer],
-                                                test_f["label"], epochs=probe_epochs, seed=seed)
+                                                test_f["label"], epochs=probe_epochs, seed=seed,
+                                                train_ids=train_f["image_id"])
     for layer in ("fc7", "conv13"):
       if layer in layers:
         res["knn"][layer] = 100 * metrics.knn_top1(train_f[layer], train_f["label"],
@@ -182,6 +183,9 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
   if voc_dir:
     from dc_tf.evaluation import voc
     report["voc07"] = {n: voc.evaluate_voc(s, voc_dir, seed=seed) for n, s in subjects.items()}
+    if voc_fc6_8_steps:
+      report["voc07_fc6_8"] = {n: voc.fc6_8(s, voc_dir, steps=voc_fc6_8_steps, seed=seed)["map"]
+                               for n, s in subjects.items()}
   write_report(report, output_dir)
   return report
 

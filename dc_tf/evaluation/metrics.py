@@ -60,15 +60,22 @@ def cluster_scores(labels_true, labels_pred) -> dict:
           "purity": purity(labels_true, labels_pred)}
 
 
+def pool_stride(h: int, w: int, c: int, max_dim: int = 10000) -> int:
+  """The smallest stride-s window whose average pooling brings an [h, w, c] map under
+  `max_dim` values (the serving export pools with the same s)."""
+  s = 1
+  while (h // s) * (w // s) * c >= max_dim and s < max(h, w):
+    s += 1
+  return s
+
+
 def pool_until(feature_map: np.ndarray, max_dim: int = 10000) -> tuple[np.ndarray, int]:
   """Average-pools an [N, H, W, C] map with the smallest stride-s window that brings
   H' * W' * C under max_dim (the paper's probe protocol); returns (flat features, s)."""
   if feature_map.ndim == 2:
     return feature_map, 1
   n, h, w, c = feature_map.shape
-  s = 1
-  while (h // s) * (w // s) * c >= max_dim and s < max(h, w):
-    s += 1
+  s = pool_stride(h, w, c, max_dim)
   hh, ww = h // s, w // s
   cropped = feature_map[:, :hh * s, :ww * s, :]
   pooled = cropped.reshape(n, hh, s, ww, s, c).mean(axis=(2, 4))

@@ -1,7 +1,15 @@
-"""Pascal VOC 2007 classification on frozen features (the paper's Table 4 protocol,
-linear part): 20-way multi-label BCE ignoring 'difficult' labels, mAP from scikit-learn's
-average precision, 10-crop test. Point it at a VOC2007 folder (JPEGImages/, Annotations/,
-ImageSets/Main/{trainval,test}.txt)."""
+"""Pascal VOC 2007 classification on a frozen trunk, two protocols (the paper's Table 4).
+Point either at a VOC2007 folder (JPEGImages/, Annotations/, ImageSets/Main/{trainval,test}.txt).
+
+  evaluate_voc   linear: a 20-way multi-label logistic probe on frozen fc6 / fc7 features,
+                 BCE ignoring 'difficult' labels, 10-crop test (4 corners + centre, mirrored).
+  fc6_8          as the original's eval_voc_classif.py ran it: fc6, fc7 and a 20-way fc8
+                 re-initialised (N(0, 0.01), bias 0.1) on the frozen conv trunk (BN in inference
+                 mode), dropout kept, SGD (momentum 0.9, lr 0.003 halved every 10k steps, weight
+                 decay 1e-6, gradients clipped to norm 10, batch 16, 150k steps), random resized
+                 crops and flips for training, the sum over 10 such random crops at test.
+mAP is scikit-learn's average precision per class over the images that are not 'difficult'
+for it, averaged over classes."""
 
 from __future__ import annotations
 
@@ -75,3 +83,103 @@ def evaluate_voc(trunk, voc_dir: str, layers=("fc6", "fc7"), seed: int = 0,
     scores = probes.multilabel_probe(train_x, train_t, test_x, test_t, seed=seed)
     result[layer] = probes.voc_map(scores, test_t)[0]
   return result
+
+
+# ----------------------------------------------------------------------------- fc6-8
+def _encoded_split(voc_dir: str, split: str):
+  paths, targets = read_split(voc_dir, split)
+  return [tf.io.gfile.GFile(p, "rb").read() for p in paths], targets
+
+
+def _random_crops(encoded: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+  """RandomResizedCrop(0.08-1, 3/4-4/3) and a horizontal flip, normalised."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  image = preprocess.resize_crop(preprocess.decode_random_crop(encoded, seeds[0]), size)
+  return preprocess.normalize(tf.image.stateless_random_flip_left_right(image, seeds[1]))
+
+
+def _conv_features(trunk, images):
+  """The frozen conv trunk's output as fc6 sees it: conv13, max-pooled, flattened."""
+  conv13 = trunk(images, training=False)["conv13"]
+  pooled = tf.nn.max_pool2d(tf.cast(conv13, tf.float32), 2, 2, "VALID")
+  return tf.reshape(pooled, [tf.shape(pooled)[0], -1])
+
+
+def build_fc6_8(input_dim: int, fc_dim: int, dropout: float, num_classes: int = len(CLASSES),
+                seed: int = 0):
+  """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> fc8, freshly initialised as the original does."""
+  import keras
+  init = keras.initializers.RandomNormal(stddev=0.01, seed=seed)
+  bias = keras.initializers.Constant(0.1)
+  inputs = keras.Input([input_dim])
+  x = keras.layers.Dense(fc_dim, activation="relu", kernel_initializer=init, bias_initializer=bias,
+                         name="fc6")(inputs)
+  x = keras.layers.Dropout(dropout, seed=seed)(x)
+  x = keras.layers.Dense(fc_dim, activation="relu", kernel_initializer=init, bias_initializer=bias,
+                         name="fc7")(x)
+  outputs = keras.layers.Dense(num_classes, kernel_initializer=init, bias_initializer=bias,
+                               name="fc8")(x)
+  return keras.Model(inputs, outputs, name="fc6_8")
+
+
+def masked_bce(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+  """BCE summed over the classes that are not 'difficult' (-1), averaged over the batch."""
+  mask = tf.cast(targets >= 0, tf.float32)
+  bce = tf.nn.sigmoid_cross_entropy_with_logits(tf.maximum(targets, 0.0), logits)
+  return tf.reduce_sum(bce * mask) / tf.cast(tf.shape(logits)[0], tf.float32)
+
+
+def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr: float = 0.003,
+          lr_halving_steps: int = 10_000, weight_decay: float = 1e-6, momentum: float = 0.9,
+          clip_norm: float = 10.0, test_crops: int = 10, seed: int = 0,
+          train_split: str = "trainval", test_split: str = "test") -> dict:
+  """Trains fc6-fc8 on the frozen conv trunk; returns {'map': %, 'aps': [...], 'steps'}."""
+  size = trunk.model_config.image_size
+  train_bytes, train_t = _encoded_split(voc_dir, train_split)
+  test_bytes, test_t = _encoded_split(voc_dir, test_split)
+  n = len(train_bytes)
+  ds = (tf.data.Dataset.from_tensor_slices((train_bytes, train_t))
+        .shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+        .enumerate()
+        .map(lambda i, bt: (_random_crops(bt[0], size, tf.stack([seed, tf.cast(i, tf.int32)])),
+                            bt[1]), num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size, drop_remainder=n >= batch_size).take(steps)
+        .prefetch(tf.data.AUTOTUNE))
+  probe_dim = int(_conv_features(trunk, tf.zeros([1, size, size, 3])).shape[1])
+  head = build_fc6_8(probe_dim, trunk.model_config.fc_units, trunk.model_config.dropout,
+                     seed=seed)
+  step_var = tf.Variable(0, dtype=tf.int64)
+  schedule = lambda: lr * 0.5 ** tf.cast(step_var // lr_halving_steps, tf.float32)  # noqa: E731
+  import keras
+  opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
+
+  @tf.function(reduce_retracing=True)
+  def train_step(images, targets):
+    feats = _conv_features(trunk, images)
+    with tf.GradientTape() as tape:
+      loss = masked_bce(head(feats, training=True), targets)
+    grads = tape.gradient(loss, head.trainable_variables)
+    # torch's SGD weight decay: wd * w added to every parameter's gradient.
+    grads = [g + weight_decay * v for g, v in zip(grads, head.trainable_variables)]
+    grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+    opt.learning_rate.assign(schedule())
+    opt.apply_gradients(zip(grads, head.trainable_variables))
+    step_var.assign_add(1)
+    return loss
+
+  for images, targets in ds:
+    train_step(images, targets)
+
+  @tf.function(reduce_retracing=True)
+  def scores(images):
+    return head(_conv_features(trunk, images), training=False)
+
+  total = np.zeros([len(test_bytes), len(CLASSES)], np.float64)
+  for crop in range(test_crops):
+    seed_base = 10_000 + crop
+    test_ds = (tf.data.Dataset.from_tensor_slices(test_bytes).enumerate()
+               .map(lambda i, b: _random_crops(b, size, tf.stack([seed_base, tf.cast(i, tf.int32)])))
+               .batch(64))
+    total += np.concatenate([scores(x).numpy() for x in test_ds])
+  m, aps = probes.voc_map(total, test_t)
+  return {"map": m, "aps": aps, "steps": int(step_var.numpy())}

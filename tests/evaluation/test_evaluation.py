@@ -97,6 +97,24 @@ def test_voc_protocol_on_synthetic_folder(tmp_path):
   assert crops.shape == (10, 32, 32, 3)
 
 
+def test_voc_fc6_8_protocol_on_synthetic_folder(tmp_path):
+  import tensorflow as tf
+  _synthetic_voc(str(tmp_path))
+  # 'difficult' (-1) targets add nothing to the loss; the rest is BCE summed, batch-averaged.
+  logits = tf.constant([[2.0, -1.0], [0.5, 3.0]])
+  targets = tf.constant([[1.0, -1.0], [0.0, 1.0]])
+  want = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(0.5)) + np.log1p(np.exp(-3.0))) / 2
+  assert float(voc.masked_bce(logits, targets)) == pytest.approx(want, rel=1e-5)
+  head = voc.build_fc6_8(12, 8, 0.5)
+  assert np.allclose(head.get_layer("fc6").bias.numpy(), 0.1)
+  x = np.ones([4, 12], np.float32)
+  assert not np.allclose(head(x, training=True), head(x, training=True))  # dropout kept
+  assert np.allclose(head(x, training=False), head(x, training=False))
+  twin = evaluator.random_twin(evaluator.ModelConfig(image_size=32, width=0.125, fc_dim=16))
+  res = voc.fc6_8(twin, str(tmp_path), steps=12, lr_halving_steps=5, test_crops=2)
+  assert res["steps"] == 12 and 0 <= res["map"] <= 100 and len(res["aps"]) == 2
+
+
 def test_twin_report_end_to_end(tiny_shards, tmp_path):
   from dc_tf.config import ExperimentConfig
   from dc_tf.models import vgg
@@ -126,9 +144,8 @@ def test_clear_errors(tmp_path, tiny_shards):
     evaluator.load(str(tmp_path / "missing"))
   from dc_tf.data import make_shards
   from conftest import write_image_folder
-  items = make_shards.collect_items("folder", write_image_folder(str(tmp_path / "i"), 2, 3),
-                                    drop_labels=True)
-  make_shards.write_shards(items, str(tmp_path / "s"), "nolabel", 1, progress=False)
+  make_shards.write_shards("folder", write_image_folder(str(tmp_path / "i"), 2, 3),
+                           str(tmp_path / "s"), "nolabel", 1, drop_labels=True)
   twin = evaluator.random_twin(evaluator.ModelConfig(image_size=32, width=0.125, fc_dim=16))
   with pytest.raises(ValueError, match="labels"):
     evaluator.evaluate(twin, train_pattern=str(tmp_path / "s/nolabel-*"), test_pattern=tiny_shards,
@@ -140,3 +157,52 @@ def test_least_frequent_tag_and_gps_cells():
   assert list(evaluator.least_frequent_tag(tags)) == [b"b", b"a", b"", b"c"]
   cells = evaluator.gps_cells(np.array([48.8, np.nan]), np.array([2.3, 1.0]))
   assert list(cells) == [b"48:2", b""]
+
+
+@pytest.mark.slow
+def test_scoring_the_serving_export_reproduces_evaluate(tmp_path):
+  """A client that sends the embedded data's JPEG bytes to `serving_default` and fits the
+  same probe on the returned `probe_<layer>` features gets evaluate.py's figures."""
+  import glob
+
+  import tensorflow as tf
+
+  from conftest import REPO
+  from dc_tf import export
+  from dc_tf.config import ModelConfig
+  from dc_tf.models import vgg
+  train, test = (os.path.join(REPO, "data", f"{s}-*.tfrecord") for s in ("train", "val"))
+  cfg = ModelConfig(image_size=32, width=0.125, fc_dim=32)
+  trunk = evaluator.random_twin(cfg, seed=3).fn
+  layers = ("conv4", "conv13", "fc7")
+  report = evaluator.evaluate(evaluator.LoadedTrunk(trunk, cfg, "weights"), train_pattern=train,
+                              test_pattern=test, output_dir=str(tmp_path / "e"), layers=layers,
+                              twin=False, probe_epochs=10)
+  card = export.export(trunk, str(tmp_path / "x"), image_size=32)
+  serve = export.load(str(tmp_path / "x")).signatures["serving_default"]
+
+  def client_features(pattern):
+    jpegs, labels, ids = [], [], []
+    for f in sorted(glob.glob(pattern)):
+      for r in tf.data.TFRecordDataset(f):
+        ex = tf.train.Example.FromString(r.numpy()).features.feature
+        jpegs.append(ex["image/encoded"].bytes_list.value[0])
+        labels.append(ex["label"].int64_list.value[0])
+        ids.append(ex["image/id"].int64_list.value[0])
+    feats = {l: [] for l in layers}
+    for start in range(0, len(jpegs), 256):
+      out = serve(image_bytes=tf.constant(jpegs[start:start + 256]))
+      for l in layers:
+        feats[l].append(out[f"probe_{l}"].numpy())
+    return {l: np.concatenate(v) for l, v in feats.items()}, np.array(labels), np.array(ids)
+
+  (train_x, train_y, train_ids), (test_x, test_y, _) = client_features(train), client_features(test)
+  for layer in layers:  # the model card tells a client each window and width
+    assert card["probe_features"][f"probe_{layer}"] == {
+        "layer": layer, "pool_window": report["results"]["trained"]["pool_sizes"][layer],
+        "dims": train_x[layer].shape[1]}
+  for layer in layers:
+    mine = probes.linear_probe(train_x[layer], train_y, test_x[layer], test_y, epochs=10,
+                               train_ids=train_ids)["top1"]
+    theirs = report["results"]["trained"]["probe"][layer]["top1"]
+    assert abs(mine - theirs) <= 0.1, (layer, mine, theirs)
