@@ -234,3 +234,22 @@ def test_embedded_data_rebuilds_byte_for_byte(tmp_path):
     assert m["dropped"] == {}
   assert _files(str(tmp_path)) == _files(os.path.join(REPO, "data"))
   shutil.rmtree(tmp_path)
+
+
+def test_command_line_passes_beam_options_through(tmp_path):
+  """The CLI as the README runs it: our flags, then Beam's own (here two worker processes)."""
+  import subprocess
+  import sys
+  images = write_image_folder(str(tmp_path / "img"), classes=2, per_class=3)
+  cmd = [sys.executable, "-m", "dc_tf.data.make_shards", "--source=folder", f"--input={images}",
+         f"--output_dir={tmp_path / 'o'}", "--name=cli", "--num_shards=2",
+         "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert done.returncode == 0, done.stderr[-2000:]
+  manifest = __import__("json").load(open(tmp_path / "o" / "cli.json"))
+  assert manifest["records"] == 6 and manifest["pipeline_options"]["direct_num_workers"] == 2
+  bad = subprocess.run([*cmd[:3], "--source=folder", f"--input={tmp_path / 'none'}",
+                        f"--output_dir={tmp_path / 'o2'}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode != 0 and "--input folder not found" in bad.stderr
