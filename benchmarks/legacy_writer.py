@@ -10,7 +10,6 @@ import numpy as np
 
 
 def _encode(item, zip_file):
-  import tensorflow as tf
   from dc_tf.data import make_shards, schema, sources
   data = zip_file.read(item.path) if item.zip_path else open(item.path, "rb").read()
   why, fmt, height, width = make_shards.check_image(data)

@@ -170,7 +170,6 @@ def test_scoring_the_serving_export_reproduces_evaluate(tmp_path):
   from conftest import REPO
   from dc_tf import export
   from dc_tf.config import ModelConfig
-  from dc_tf.models import vgg
   train, test = (os.path.join(REPO, "data", f"{s}-*.tfrecord") for s in ("train", "val"))
   cfg = ModelConfig(image_size=32, width=0.125, fc_dim=32)
   trunk = evaluator.random_twin(cfg, seed=3).fn
