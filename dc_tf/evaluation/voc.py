@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -108,7 +109,6 @@ def _conv_features(trunk, images):
 def build_fc6_8(input_dim: int, fc_dim: int, dropout: float, num_classes: int = len(CLASSES),
                 seed: int = 0):
   """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> fc8, freshly initialised as the original does."""
-  import keras
   init = keras.initializers.RandomNormal(stddev=0.01, seed=seed)
   bias = keras.initializers.Constant(0.1)
   inputs = keras.Input([input_dim])
@@ -149,8 +149,6 @@ def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr
   head = build_fc6_8(probe_dim, trunk.model_config.fc_units, trunk.model_config.dropout,
                      seed=seed)
   step_var = tf.Variable(0, dtype=tf.int64)
-  schedule = lambda: lr * 0.5 ** tf.cast(step_var // lr_halving_steps, tf.float32)  # noqa: E731
-  import keras
   opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
 
   @tf.function(reduce_retracing=True)
@@ -162,7 +160,8 @@ def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr
     # torch's SGD weight decay: wd * w added to every parameter's gradient.
     grads = [g + weight_decay * v for g, v in zip(grads, head.trainable_variables)]
     grads, _ = tf.clip_by_global_norm(grads, clip_norm)
-    opt.learning_rate.assign(schedule())
+    # lr halved every lr_halving_steps, as the original's step decay.
+    opt.learning_rate.assign(lr * 0.5 ** tf.cast(step_var // lr_halving_steps, tf.float32))
     opt.apply_gradients(zip(grads, head.trainable_variables))
     step_var.assign_add(1)
     return loss
