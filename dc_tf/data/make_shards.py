@@ -58,6 +58,7 @@ class ShardOptions:
   split: str = "train"
   classes: tuple[str, ...] = ()
   per_class: int = 0
+  skip_per_class: int = 0
   drop_labels: bool = False
   num_shards: int = 0
   shard_size: int = 1024
@@ -73,6 +74,8 @@ class ShardOptions:
   def validate(self) -> "ShardOptions":
     if self.source not in ("folder", "list", "yfcc", "tiny_imagenet"):
       raise ValueError(f"--source must be folder, list, yfcc or tiny_imagenet, got {self.source!r}")
+    if self.per_class < 0 or self.skip_per_class < 0:
+      raise ValueError("--per_class and --skip_per_class must be >= 0")
     if self.num_shards < 0 or self.shard_size < 1:
       raise ValueError("--num_shards must be >= 0 and --shard_size >= 1")
     if self.long_tail_exponent < 0 or (self.long_tail_exponent and self.long_tail_size < 1):
@@ -304,7 +307,8 @@ def source_items(p, opts: ShardOptions):
   if opts.source == "yfcc":
     out = p | "YFCC100M" >> sources.YfccSource(opts.input, opts.image_dir, opts.image_list)
     return out["items"], [out[DROPPED]]
-  items = sources.tiny_imagenet_items(opts.input, opts.split, opts.classes, opts.per_class)
+  items = sources.tiny_imagenet_items(opts.input, opts.split, opts.classes, opts.per_class,
+                                       opts.skip_per_class)
   return p | "Tiny ImageNet" >> beam.Create(items, reshuffle=True), []
 
 
@@ -403,7 +407,7 @@ def options_from_flags(f, beam_args: Sequence[str]) -> ShardOptions:
       source=f.source, input=f.input, output_dir=f.output_dir, name=f.name,
       image_dir=f.image_dir, image_list=f.image_list, split=f.split,
       classes=tuple(c for c in f.classes.split(",") if c), per_class=f.per_class,
-      drop_labels=f.drop_labels, num_shards=f.num_shards, shard_size=f.shard_size, seed=f.seed,
+      skip_per_class=f.skip_per_class, drop_labels=f.drop_labels, num_shards=f.num_shards, shard_size=f.shard_size, seed=f.seed,
       dedupe=f.dedupe, placeholder_min_copies=f.placeholder_min_copies,
       placeholder_sha1=tuple(s for s in sha1.split(",") if s),
       long_tail_exponent=f.long_tail_exponent, long_tail_size=f.long_tail_size,
@@ -442,6 +446,8 @@ def define_flags():
   flags.DEFINE_string("split", "train", "tiny_imagenet: train or val.")
   flags.DEFINE_string("classes", "", "tiny_imagenet: comma-separated wnids (default all).")
   flags.DEFINE_integer("per_class", 0, "tiny_imagenet: images per class (0 = all).")
+  flags.DEFINE_integer("skip_per_class", 0, "tiny_imagenet: images per class passed over first "
+                       "(in member-name order), for a split held back from --per_class=N.")
   flags.DEFINE_bool("drop_labels", False, "Write no labels (training pools are label-free).")
   flags.DEFINE_float("long_tail_exponent", 0.0, "Resample a labelled source to Zipf class sizes "
                      "with this exponent (0 = off); needs --long_tail_size.")

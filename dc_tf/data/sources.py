@@ -162,9 +162,11 @@ class ListSource(beam.PTransform):
 
 # ----------------------------------------------------------------------------- tiny imagenet
 def tiny_imagenet_items(zip_path: str, split: str, classes: Sequence[str] = (),
-                        per_class: int = 0) -> list[Item]:
+                        per_class: int = 0, skip_per_class: int = 0) -> list[Item]:
   """Tiny ImageNet from its zip, in place. The member list is small (≤ 110k names), so it is
-  read here; the images themselves are read by the workers."""
+  read here; the images themselves are read by the workers. Per class, the images are taken in
+  member-name order: `skip_per_class` are passed over, then `per_class` kept (0 = the rest), so
+  two calls with adjacent windows give disjoint sets (a held-back split)."""
   if not _gfile().exists(zip_path):
     raise FileNotFoundError(f"--input zip not found: {zip_path}")
   with _gfile().GFile(zip_path, "rb") as raw, zipfile.ZipFile(raw) as z:
@@ -191,7 +193,8 @@ def tiny_imagenet_items(zip_path: str, split: str, classes: Sequence[str] = (),
       per[wnid].append(name)
   items = []
   for wnid in wanted:
-    for name in (per[wnid][:per_class] if per_class else per[wnid]):
+    names_w = per[wnid][skip_per_class:]
+    for name in (names_w[:per_class] if per_class else names_w):
       items.append(Item(key=name, path=name, zip_path=zip_path, label=index[wnid],
                         label_text=words.get(wnid, wnid).split(",")[0]))
   return items

@@ -236,6 +236,23 @@ def test_embedded_data_rebuilds_byte_for_byte(tmp_path):
   shutil.rmtree(tmp_path)
 
 
+@pytest.mark.skipif(not os.path.isdir(TINY), reason="../shared/datasets not present")
+def test_tiny_imagenet_windows_per_class_are_disjoint():
+  """--skip_per_class holds a split back from --per_class: adjacent windows share no image."""
+  zip_path = os.path.join(TINY, "train_250per_class.zip")
+  classes = ("n01443537", "n09193705")
+  first = sources.tiny_imagenet_items(zip_path, "train", classes, per_class=50)
+  held = sources.tiny_imagenet_items(zip_path, "train", classes, per_class=30, skip_per_class=50)
+  rest = sources.tiny_imagenet_items(zip_path, "train", classes, skip_per_class=50)
+  assert collections.Counter(i.label for i in first) == {0: 50, 1: 50}
+  assert collections.Counter(i.label for i in held) == {0: 30, 1: 30}
+  assert len(rest) == 2 * 200 and not {i.key for i in first} & {i.key for i in rest}
+  assert [i.key for i in held] == [i.key for i in rest if i.label == 0][:30] + \
+      [i.key for i in rest if i.label == 1][:30]
+  with pytest.raises(ValueError, match="skip_per_class"):
+    make_shards.ShardOptions("tiny_imagenet", zip_path, "/tmp/x", skip_per_class=-1).validate()
+
+
 def test_command_line_passes_beam_options_through(tmp_path):
   """The CLI as the README runs it: our flags, then Beam's own (here two worker processes)."""
   import subprocess
