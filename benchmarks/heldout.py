@@ -4,8 +4,8 @@ times by `evaluate.py` (the same figures a client gets from the serving export's
 outputs, tests/evaluation/test_evaluation.py):
   selection  40 Tiny ImageNet classes outside the embedded 20 (a seeded draw); probe fit on
              train images 50-149 of each class (4,000), scored on images 150-199 (2,000):
-             the split recipes are chosen on from now on. These images are in no training
-             pool, no other view's probe and no report.
+             the split recipes are chosen on from now on. These images are in neither demo
+             pool (balanced, long-tailed), no other view's probe and no report.
   20-class   probe fit on data/train, scored on data/val: the set the current preset and the
              learning sweep of 2026-11-25 were chosen on (reported, not held out);
   200-class  probe fit on train images 0-49 of each of the 200 classes (10,000; the 20
@@ -91,7 +91,6 @@ def ensure_shards(patterns, log):
       if name not in commands:
         raise SystemExit(f"no {pattern}, and no command here writes it")
       reproduce.run(commands[name], log)
-
 
 
 def score(run_dir, view, probe_epochs, seed):
