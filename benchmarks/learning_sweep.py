@@ -22,6 +22,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import heldout  # noqa: E402  (the views and the shards they read are defined once, there)
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "learning_sweep.json")
 LAYERS = "conv4,conv7,conv10,conv13,fc7"
 
@@ -57,8 +59,7 @@ POINTS = {
 }
 ARCH_FLAGS = ("--image_size", "--width", "--sobel", "--fc_dim")
 # probe set -> (fit on, score on, k for cluster NMI)
-PROBE_SETS = {"selection": ("shards/tiny/sel_probe-*.tfrecord", "shards/tiny/sel_val-*.tfrecord", 40),
-              "data": ("data/train-*.tfrecord", "data/val-*.tfrecord", 20)}
+PROBE_SETS = {"selection": heldout.VIEWS["selection"], "data": heldout.VIEWS["20-class"]}
 
 
 def run(cmd, log):
@@ -88,6 +89,7 @@ def sweep_point(name, extra, budget_min, epochs, seed, out_root, probe_set):
        f"--epochs={epochs}", f"--seed={seed}", *extra], model_dir + ".train.log")
   train_s = time.time() - t0
   fit, test, k = PROBE_SETS[probe_set]
+  heldout.ensure_shards([fit, test], os.path.join(out_root, "shards.log"))
   probes = [f"--train_data={fit}", f"--test_data={test}", f"--cluster_k={k}",
             f"--layers={LAYERS}", "--probe_epochs=30", f"--seed={seed}"]
   run([sys.executable, "evaluate.py", f"--checkpoint={model_dir}", *probes,
