@@ -71,6 +71,7 @@ def shard_commands() -> dict[str, list[str]]:
   args = {
       "probe": [f"--input={train}", "--split=train", "--per_class=50", "--num_shards=4"],
       "val": [f"--input={val}", "--split=val", "--num_shards=4"],
+      "pool": [f"--input={train}", "--split=train", "--drop_labels", "--num_shards=16"],
       "sel_probe": [f"--input={train}", "--split=train", f"--classes={sel}",
                     "--skip_per_class=50", "--per_class=100", "--num_shards=2"],
       "sel_val": [f"--input={train}", "--split=train", f"--classes={sel}",

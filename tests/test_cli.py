@@ -87,3 +87,19 @@ def test_the_deepercluster_preset_refuses_random_weights_unless_asked(tiny_shard
             f"--model_dir={tmp_path}/r")
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "--init_checkpoint" in out.stderr and "--require_init_checkpoint=false" in out.stderr
+
+
+def test_the_tiny200_preset_is_the_demo_recipe_with_what_its_comment_says():
+  """flags/tiny200.cfg: the demo's settings except pool, size and clusters, and the step count
+  and the DeepCluster command line its comment gives (benchmarks/tiny200.py runs that line)."""
+  demo, _ = preset("demo.cfg")
+  tiny, comment = preset("tiny200.cfg")
+  changed = {k for k in demo.keys() | tiny.keys() if demo.get(k) != tiny.get(k)}
+  assert changed == {"data_pattern", "model_dir", "k", "epochs", "epoch_size",
+                     "checkpoint_every"}
+  steps_per_epoch = int(tiny["epoch_size"]) * 4 // int(tiny["batch_per_replica"])
+  assert f"{steps_per_epoch} steps of 64" in comment
+  assert f"{steps_per_epoch * int(tiny['epochs']):,} steps in all" in comment
+  clusters = int(tiny["m"]) * int(tiny["k"])
+  assert (f"--mode=deepcluster --m=1 --k={clusters} --rotnet_warmup_epochs=0 "
+          f"--epoch_size={4 * int(tiny['epoch_size'])}") in comment
