@@ -84,12 +84,13 @@ def log_stats(model_dir) -> dict:
 
 def sweep_point(name, extra, budget_min, epochs, seed, out_root, probe_set):
   model_dir = os.path.join(out_root, f"{name}-s{seed}")
+  fit, test, k = PROBE_SETS[probe_set]
+  # before training: a probe set that cannot be written fails now, not after the budget is spent
+  heldout.ensure_shards([fit, test], os.path.join(out_root, "shards.log"))
   t0 = time.time()
   run([sys.executable, "train.py", f"--model_dir={model_dir}", f"--max_minutes={budget_min}",
        f"--epochs={epochs}", f"--seed={seed}", *extra], model_dir + ".train.log")
   train_s = time.time() - t0
-  fit, test, k = PROBE_SETS[probe_set]
-  heldout.ensure_shards([fit, test], os.path.join(out_root, "shards.log"))
   probes = [f"--train_data={fit}", f"--test_data={test}", f"--cluster_k={k}",
             f"--layers={LAYERS}", "--probe_epochs=30", f"--seed={seed}"]
   run([sys.executable, "evaluate.py", f"--checkpoint={model_dir}", *probes,
