@@ -3,7 +3,8 @@
 m super-clusters by k-means on all (whitened) features; then, for each super-cluster in
 turn, k sub-clusters of its members, all replicas taking part. The result is a global
 table image id -> (super-cluster, sub-cluster) that every worker ends up holding,
-gathered with collectives (no files, no shared disk).
+gathered with collectives (no files, no shared disk). Clustering runs with TF32 off
+(`kmeans.full_float32`): the caller's setting is restored after it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import dataclasses
 import logging
 
 import numpy as np
-import tensorflow as tf
 
-from dc_tf import distribute as dist
 from dc_tf.clustering import kmeans as km
 from dc_tf.clustering import pca
 
@@ -35,44 +34,11 @@ class Assignment:
     return self.super_cluster.astype(np.int64) * k + self.sub_cluster
 
 
-def _gather_fn(strategy):
-  @tf.function(reduce_retracing=True)
-  def gather(dist_rows, dist_offset, total):
-    # Each replica writes its rows at its offset of a zero buffer; a SUM all-reduce then
-    # gives every worker the whole table (all_gather is rejected under MWMS here).
-    def fn(rows, offset):
-      index = offset + tf.range(tf.shape(rows, out_type=tf.int64)[0])
-      buf = tf.scatter_nd(index[:, None], rows, tf.stack([total, tf.shape(rows, out_type=tf.int64)[1]]))
-      return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, buf)
-    return strategy.run(fn, args=(dist_rows, dist_offset))
-  return gather
-
-
-_LOW_BITS = 2**31
-
-
-def gather_table(strategy, local_columns: list[np.ndarray]) -> np.ndarray:
-  """Concatenates every replica's int64 rows [n_r, c] in replica order, on every worker.
-  Values travel as float64 halves (v >> 31, v & (2^31 - 1)), so 63-bit ids stay exact."""
-  kmeans = km.DistributedKMeans(strategy)
-  sizes = kmeans.replica_sizes(local_columns)
-  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-  n_local = dist.num_local_replicas(strategy)
-  first = dist.worker_index(strategy) * n_local
-  split = [np.concatenate([np.asarray(c, np.int64) // _LOW_BITS, np.asarray(c, np.int64) % _LOW_BITS],
-                          axis=1).astype(np.float64) for c in local_columns]
-  out = _gather_fn(strategy)(dist.distribute_local(strategy, split),
-                             dist.distribute_local(strategy, [offsets[first + i] for i in range(n_local)]),
-                             tf.constant(int(sizes.sum()), tf.int64))
-  table = dist.first_local(strategy, out).numpy()
-  c = table.shape[1] // 2
-  return table[:, :c].astype(np.int64) * _LOW_BITS + table[:, c:].astype(np.int64)
-
-
 def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarray], *,
             m: int, k: int, iters: int = 20, pca_dim: int = 0, pca_sample: int = 0,
             seed: int = 0, init: str = "random", chunk_size: int = 8192,
-            progress=None, fit_sample: int = 0, in_place: bool = False) -> Assignment:
+            progress=None, fit_sample: int = 0, in_place: bool = False,
+            traffic=None) -> Assignment:
   """Whitens, clusters into m super-clusters then k sub-clusters each; returns the table.
 
   Memory: with `in_place` the features are whitened over themselves (`local_features` is
@@ -85,16 +51,30 @@ def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarr
   whose members all have identical features gets a single sub-cluster (a warning is
   logged in both cases); an empty one gets none. All-identical features overall raise
   ClusteringError. `progress()`, if given, is called after each k-means iteration.
+  Samples and initial centroids are chosen by seeded hashes of the image ids, so the table
+  does not depend on which replica holds which image. The bytes of every pass are added to
+  `traffic` (a `replicas.Traffic`), if given.
   """
+  with km.full_float32():
+    return _cluster(strategy, local_features, local_ids, m=m, k=k, iters=iters,
+                    pca_dim=pca_dim, pca_sample=pca_sample, seed=seed, init=init,
+                    chunk_size=chunk_size, progress=progress, fit_sample=fit_sample,
+                    in_place=in_place, traffic=traffic)
+
+
+def _cluster(strategy, local_features, local_ids, *, m, k, iters, pca_dim, pca_sample, seed,
+             init, chunk_size, progress, fit_sample, in_place, traffic) -> Assignment:
   pca_sample = pca_sample or fit_sample * strategy.num_replicas_in_sync
-  whitening = pca.fit_whitening(strategy, local_features, pca_dim, pca_sample)
+  local_ids = [np.asarray(ids, np.int64) for ids in local_ids]
+  whitening = pca.fit_whitening(strategy, local_features, pca_dim, pca_sample,
+                                local_keys=local_ids, seed=seed, traffic=traffic)
   local_w = [whitening.apply_in_place(x) if in_place else whitening.apply(x)
              for x in local_features]
   kmeans = km.DistributedKMeans(strategy, chunk_size, progress)
   resplit, inertia = 0, 0.0
   if m > 1:
     top = kmeans.fit(local_w, m, iters, seed=seed, init=init, log_prefix="super-clusters",
-                     sample=fit_sample)
+                     sample=fit_sample, local_keys=local_ids)
     local_super = top.assignments
     resplit += top.resplit
   else:
@@ -115,14 +95,17 @@ def cluster(strategy, local_features: list[np.ndarray], local_ids: list[np.ndarr
       logging.warning("super-cluster %d has %d members < k=%d: using %d sub-clusters",
                       s, n_s, k, k_s)
     res = kmeans.fit(local_w, k_s, iters, seed=seed + 1 + s, init=init,
-                     log_prefix=f"sub-clusters of {s}", local_rows=members, sample=fit_sample)
+                     log_prefix=f"sub-clusters of {s}", local_rows=members, sample=fit_sample,
+                     local_keys=[ids[rows] for ids, rows in zip(local_ids, members)])
     resplit += res.resplit
     inertia += res.inertia
     for sub, rows, a in zip(local_sub, members, res.assignments):
       sub[rows] = a
   columns = [np.stack([ids, sup, sub], axis=1)
              for ids, sup, sub in zip(local_ids, local_super, local_sub)]
-  table = gather_table(strategy, columns)
+  table = kmeans.replicas.gather_int64(columns)
+  if traffic is not None:
+    traffic.add(kmeans.traffic)
   order = np.argsort(table[:, 0], kind="stable")
   table = table[order]
   if len(np.unique(table[:, 0])) != len(table):

@@ -10,15 +10,33 @@ every worker makes the same choice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 import numpy as np
 import tensorflow as tf
 
-from dc_tf import distribute as dist
+from dc_tf.clustering import replicas as replicas_lib
 
 EMPTY_SPLIT_EPS = 1.0 / 1024  # relative perturbation of a split centroid (as faiss)
+
+
+@contextlib.contextmanager
+def full_float32():
+  """TF32 off inside the block, the previous setting restored after it.
+
+  On Ampere and later GPUs TensorFlow runs float32 matmuls in TF32 by default (inputs rounded
+  to 10 mantissa bits): right for the train step, wrong for k-means and PCA, whose scores
+  ||c||^2 - 2 x.c subtract nearly equal numbers. Clustering runs inside this block (issue 25).
+  The setting is process-wide, so the train step must not run concurrently with it.
+  """
+  before = tf.config.experimental.tensor_float_32_execution_enabled()
+  tf.config.experimental.enable_tensor_float_32_execution(False)
+  try:
+    yield
+  finally:
+    tf.config.experimental.enable_tensor_float_32_execution(before)
 
 
 class ClusteringError(ValueError):
@@ -37,12 +55,19 @@ class KMeansResult:
 def assign_chunked(x: tf.Tensor, centroids: tf.Tensor, chunk_size: int):
   """(assignments int32 [n], min squared distance [n], counts f64 [k], sums f64 [k, d]),
   computed chunk by chunk: temporaries are chunk-sized, never N x k or a copy of x."""
-  k = tf.shape(centroids)[0]
   c_sq = tf.reduce_sum(tf.square(centroids), axis=1)
-  # scores = ||c||^2 - 2 x c^T as one matmul with a bias add (fused into the MatMul by TF's
-  # CPU remapper): the chunk x k score matrix is written once and read once by the argmin,
-  # not passed over three more times by a scale and a subtraction (issue 17).
-  neg2c = -2.0 * centroids
+  return assign_scored(x, -2.0 * centroids, c_sq, chunk_size)
+
+
+def assign_scored(x: tf.Tensor, neg2c: tf.Tensor, c_sq: tf.Tensor, chunk_size: int):
+  """`assign_chunked` from the pass's constants -2c and ||c||^2 (computed once a pass).
+
+  Scores = ||c||^2 - 2 x c^T as one matmul with a bias add (fused into the MatMul by TF's CPU
+  remapper): the chunk x k score matrix is written once and read once by the argmin (issue
+  17). Sums are taken in float64 from the float64 rows (the cast is chunk x d; casting a
+  float32 [k, d] sum per chunk cost k x d per chunk): a running float32 sum of 10^5 rows of
+  one cluster loses ~1e-4 relative, float64 keeps 1e-6 (issue 25)."""
+  k = tf.shape(neg2c)[0]
   n = tf.shape(x)[0]
   num_chunks = (n + chunk_size - 1) // chunk_size
   assign_ta = tf.TensorArray(tf.int32, size=num_chunks, infer_shape=False)
@@ -56,7 +81,7 @@ def assign_chunked(x: tf.Tensor, centroids: tf.Tensor, chunk_size: int):
     a = tf.argmin(scores, axis=1, output_type=tf.int32)
     best = tf.gather(scores, a, batch_dims=1) + tf.reduce_sum(tf.square(chunk), axis=1)
     counts += tf.cast(tf.math.bincount(a, minlength=k, maxlength=k), tf.float64)
-    sums += tf.cast(tf.math.unsorted_segment_sum(chunk, a, k), tf.float64)
+    sums += tf.math.unsorted_segment_sum(tf.cast(chunk, tf.float64), a, k)
     return i + 1, assign_ta.write(i, a), dist_ta.write(i, tf.maximum(best, 0.0)), counts, sums
 
   _, assign_ta, dist_ta, counts, sums = tf.while_loop(
@@ -67,14 +92,25 @@ def assign_chunked(x: tf.Tensor, centroids: tf.Tensor, chunk_size: int):
   return assignments, dists, counts, sums
 
 
+def _lloyd_step(chunk, constants):
+  """A replica's share of one pass (dc_tf.clustering.replicas.DevicePass): assigns the chunk;
+  its counts, sums and inertia are added to the accumulators on this device."""
+  neg2c, c_sq = constants
+  a, dists, counts, sums = assign_scored(chunk, neg2c, c_sq, tf.shape(chunk)[0] + 1)
+  return (counts, sums, tf.reduce_sum(tf.cast(dists, tf.float64))[None]), a
+
+
 class DistributedKMeans:
   """k-means over rows held, in host memory, by `strategy`'s replicas.
 
   Nothing is copied whole: each replica's rows (float32 or float16, or a subset given as
-  row indices) are fed to the device chunk by chunk, and only per-cluster counts, sums and
-  the inertia cross replicas, once per iteration. With `sample` rows per replica the
-  centroids are fitted on a seeded sample (the original fits on at most 3,150,000 images
-  per process) and every row is assigned in a last pass.
+  row indices) are fed to its device chunk by chunk, all local replicas at once; the
+  per-cluster counts, sums and inertia stay on the device in float64 through the pass and
+  cross replicas once per iteration (`replicas.DevicePass`). With `sample` the centroids are
+  fitted on a seeded sample (the original fits on at most 3,150,000 images per process) and
+  every row is assigned in a last pass. Samples and initial centroids are chosen by a seeded
+  hash of each row's key (the image id; by default its global position), so the result does
+  not depend on which replica holds which row.
 
   Args:
     strategy: a tf.distribute strategy (the default one for a single device).
@@ -86,64 +122,21 @@ class DistributedKMeans:
     self.strategy = strategy
     self.chunk_size = chunk_size
     self.progress = progress
-    self.devices = dist.local_devices(strategy)
-
-    @tf.function(reduce_retracing=True)
-    def assign(x, centroids):
-      return assign_chunked(x, centroids, tf.shape(x)[0] + 1)
-    self._assign = assign
-
-    @tf.function(reduce_retracing=True)
-    def all_reduce(dist_values):
-      def fn(values):
-        values = [tf.identity(v) for v in values]  # on the replica's device (MWMS)
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
-      return strategy.run(fn, args=(dist_values,))
-    self._all_reduce = all_reduce
+    self.replicas = replicas_lib.Replicas.of(strategy)
+    self._pass = replicas_lib.DevicePass(self.replicas, _lloyd_step, chunk_size, 3)
+    self.traffic = replicas_lib.Traffic()      # all passes of this object
+    self.pass_traffic: list[replicas_lib.Traffic] = []
 
   # --- helpers -------------------------------------------------------------------------
   def sum_over_replicas(self, local_values: list[list[np.ndarray]]) -> list[np.ndarray]:
     """Sums per-replica lists of float64 arrays over all replicas (one all-reduce)."""
-    if self.strategy.num_replicas_in_sync == 1:
-      return [np.asarray(v, np.float64) for v in local_values[0]]
-    per_replica = [[np.asarray(v, np.float64) for v in values] for values in local_values]
-    dist_values = [dist.distribute_local(self.strategy, [values[j] for values in per_replica])
-                   for j in range(len(per_replica[0]))]
-    out = self._all_reduce(dist_values)
-    return [dist.first_local(self.strategy, v).numpy() for v in out]
-
-  def _chunks(self, x: np.ndarray, rows: np.ndarray | None):
-    """float32 chunks of x (or of x[rows]), each copied into one reused 64-byte-aligned
-    buffer (float16 rows are cast on the way). A chunk is only valid until the next one is
-    yielded: consumers finish with it first (`_run` fetches its results)."""
-    n = len(x) if rows is None else len(rows)
-    if n == 0:
-      return
-    buf = aligned_empty([min(self.chunk_size, n), x.shape[1]], np.float32)
-    for start in range(0, n, self.chunk_size):
-      m = min(self.chunk_size, n - start)
-      out = buf[:m]
-      if rows is None:
-        out[...] = x[start:start + m]
-      elif x.dtype == np.float32 and x.flags.c_contiguous:
-        np.take(x, rows[start:start + m], axis=0, out=out)
-      else:
-        out[...] = x[rows[start:start + m]]
-      yield out
+    return self.replicas.sum(local_values)
 
   def replica_sizes(self, local_x: list[np.ndarray], local_rows=None) -> np.ndarray:
     """Rows held by every replica, in replica order (identical on all workers)."""
     local_rows = local_rows or [None] * len(local_x)
-    r, first = self.strategy.num_replicas_in_sync, self._first_replica()
-    onehot = []
-    for i, (x, rows) in enumerate(zip(local_x, local_rows)):
-      v = np.zeros(r)
-      v[first + i] = len(x) if rows is None else len(rows)
-      onehot.append([v])
-    return self.sum_over_replicas(onehot)[0].astype(np.int64)
-
-  def _first_replica(self) -> int:
-    return dist.worker_index(self.strategy) * dist.num_local_replicas(self.strategy)
+    return self.replicas.sizes([len(x) if rows is None else len(rows)
+                                for x, rows in zip(local_x, local_rows)])
 
   def check_features(self, local_x, local_rows=None) -> tuple[int, float]:
     """(total rows, total variance); raises ClusteringError on NaN/Inf."""
@@ -152,7 +145,7 @@ class DistributedKMeans:
     for x, rows in zip(local_x, local_rows):
       d = x.shape[1]
       n, bad, s, sq = 0.0, 0.0, np.zeros(d), np.zeros(d)
-      for chunk in self._chunks(x, rows):
+      for chunk in replicas_lib.chunks(x, rows, self.chunk_size):
         finite = np.isfinite(chunk).all(axis=1)
         clean = np.where(finite[:, None], chunk, 0.0).astype(np.float64)
         n, bad = n + len(chunk), bad + float((~finite).sum())
@@ -166,39 +159,39 @@ class DistributedKMeans:
     variance = float(np.sum(sq / max(n, 1) - (s / max(n, 1)) ** 2)) if n else 0.0
     return n, variance
 
-  def rows(self, local_x, global_rows: np.ndarray, local_rows=None) -> np.ndarray:
-    """Rows at global indices (replica order), fetched with one all-reduce."""
-    local_rows = local_rows or [None] * len(local_x)
+  def default_keys(self, local_x, local_rows=None) -> list[np.ndarray]:
+    """Each row's global position in replica order (the key when no image id is given)."""
     sizes = self.replica_sizes(local_x, local_rows)
+    first = self.replicas.first
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    out = []
-    for i, (x, rows) in enumerate(zip(local_x, local_rows)):
-      r = self._first_replica() + i
-      buf = np.zeros([len(global_rows), x.shape[1]])
-      mine = (global_rows >= offsets[r]) & (global_rows < offsets[r + 1])
-      local = global_rows[mine] - offsets[r]
-      buf[mine] = x[local if rows is None else rows[local]]
-      out.append([buf])
-    return self.sum_over_replicas(out)[0]
+    return [np.arange(offsets[first + i], offsets[first + i + 1], dtype=np.int64)
+            for i in range(len(local_x))]
 
   # --- the algorithm -------------------------------------------------------------------
   def init_centroids(self, local_x, k: int, seed: int, method: str = "random",
-                     sample_size: int = 20000, local_rows=None) -> np.ndarray:
+                     sample_size: int = 20000, local_rows=None, local_keys=None) -> np.ndarray:
+    """k rows of smallest seeded key ("random"), or k-means++ on the sample_size rows of
+    smallest key; `local_keys` as `fit`'s."""
+    local_rows = local_rows or [None] * len(local_x)
+    if local_keys is None:
+      local_keys = self.default_keys(local_x, local_rows)
+    keys = [replicas_lib.row_keys(kk, seed) for kk in local_keys]
     n = int(self.replica_sizes(local_x, local_rows).sum())
-    rng = np.random.default_rng(seed)
+    g = k if method == "random" else min(n, max(sample_size, k))
+    sample = self.replicas.fetch(local_x, local_rows, self.replicas.smallest(keys, g), g)
     if method == "random":
-      return self.rows(local_x, np.sort(rng.choice(n, k, replace=False)), local_rows)
-    sample = self.rows(local_x, np.sort(rng.choice(n, min(n, max(sample_size, k)), replace=False)),
-                       local_rows)
-    return kmeans_plus_plus(sample, k, rng)
+      return sample
+    return kmeans_plus_plus(sample, k, np.random.default_rng(seed))
 
   def fit(self, local_x: list[np.ndarray], k: int, iters: int, seed: int = 0,
           init: str = "random", centroids: np.ndarray | None = None,
           log_prefix: str = "kmeans", local_rows: list[np.ndarray] | None = None,
-          sample: int = 0) -> KMeansResult:
-    """Lloyd's k-means over each replica's rows (or `local_rows` of them); `sample` > 0 fits
-    on at most that many rows per replica, then assigns them all; `centroids` overrides the
-    initialisation (tests, benchmarks)."""
+          sample: int = 0, local_keys: list[np.ndarray] | None = None) -> KMeansResult:
+    """Lloyd's k-means over each replica's rows (or `local_rows` of them). `local_keys`: an
+    int64 key per row (per row of `local_rows` when given; the image ids), which seeds the
+    choice of samples and initial centroids. `sample` > 0 fits on about that many rows per
+    replica (a keyed sample of sample x replicas rows in all), then assigns them all;
+    `centroids` overrides the initialisation (tests, benchmarks)."""
     local_rows = local_rows or [None] * len(local_x)
     n, variance = self.check_features(local_x, local_rows)
     if k > n:
@@ -206,10 +199,20 @@ class DistributedKMeans:
     if n > 1 and variance <= 1e-12:
       raise ClusteringError(f"{log_prefix}: all {n} feature vectors are identical; "
                             "k-means has nothing to separate (collapsed features)")
-    fit_rows = [self._sample(x, rows, sample, seed, i)
-                for i, (x, rows) in enumerate(zip(local_x, local_rows))]
+    if local_keys is None:
+      local_keys = self.default_keys(local_x, local_rows)
+    fit_rows, fit_keys = local_rows, local_keys
+    if sample and sample * self.replicas.total < n:
+      fraction = sample * self.replicas.total / n
+      picked = [replicas_lib.keyed_sample(replicas_lib.row_keys(kk, seed + 11), fraction)
+                for kk in local_keys]
+      fit_rows = [p if rows is None else rows[p] for p, rows in zip(picked, local_rows)]
+      fit_keys = [kk[p] for p, kk in zip(picked, local_keys)]
+      if int(self.replica_sizes(local_x, fit_rows).sum()) < k:   # a tiny sample
+        fit_rows, fit_keys = local_rows, local_keys
     if centroids is None:
-      centroids = self.init_centroids(local_x, k, seed, init, local_rows=fit_rows)
+      centroids = self.init_centroids(local_x, k, seed, init, local_rows=fit_rows,
+                                      local_keys=fit_keys)
     centroids = np.asarray(centroids, np.float64)
     resplit = 0
     for it in range(iters):
@@ -223,55 +226,23 @@ class DistributedKMeans:
     return KMeansResult(centroids.astype(np.float32), assign, float(inertia), resplit,
                         counts.astype(np.int64))
 
-  def _sample(self, x, rows, sample, seed, i):
-    n = len(x) if rows is None else len(rows)
-    if not sample or n <= sample:
-      return rows
-    rng = np.random.default_rng([seed, self._first_replica() + i, 11])
-    picked = np.sort(rng.choice(n, sample, replace=False))
-    return picked if rows is None else rows[picked]
-
   def _run(self, local_x, local_rows, centroids, keep=False):
-    """One pass: assigns each replica's rows chunk by chunk on its device, then sums counts,
-    sums and inertia over replicas. Returns (counts, sums, inertia, assignments or None)."""
-    c = tf.constant(centroids, tf.float32)
-    k, d = centroids.shape
-    stats, assignments = [], []
-    for device, x, rows in zip(self.devices, local_x, local_rows):
-      counts, sums, inertia, parts = np.zeros(k), np.zeros([k, d]), 0.0, []
-      with tf.device(device):
-        for chunk in self._chunks(x, rows):
-          a, dists, cnt, sm = self._assign(host_tensor(chunk), c)
-          counts, sums = counts + cnt.numpy(), sums + sm.numpy()
-          inertia += float(np.sum(dists.numpy(), dtype=np.float64))
-          if keep:
-            parts.append(a.numpy())
-      stats.append([counts, sums, np.array([inertia])])
-      assignments.append(np.concatenate(parts) if parts else np.zeros([0], np.int32))
-    counts, sums, inertia = self.sum_over_replicas(stats)
+    """One pass (`replicas.DevicePass`): every local replica assigns its rows on its device,
+    accumulating counts, sums and inertia there; one cross-replica sum at the end. Returns
+    (counts, sums, inertia, per-replica assignments or None)."""
+    c = np.asarray(centroids, np.float32)
+    k, d = c.shape
+    constants = [-2.0 * c, np.sum(np.square(c, dtype=np.float64), axis=1).astype(np.float32)]
+    (counts, sums, inertia), parts = self._pass(
+        local_x, local_rows, constants, [[k], [k, d], [1]], keep_outputs=keep)
+    self.pass_traffic.append(self._pass.traffic)
+    self.traffic.add(self._pass.traffic)
     if self.progress:
       self.progress()
-    return counts, sums, float(inertia[0]), assignments if keep else None
-
-
-def aligned_empty(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
-  """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary."""
-  dtype = np.dtype(dtype)
-  nbytes = int(np.prod(shape)) * dtype.itemsize
-  raw = np.empty(nbytes + align, np.uint8)
-  offset = (-raw.ctypes.data) % align
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-def host_tensor(a: np.ndarray) -> tf.Tensor:
-  """A host float32 array as a tensor. Aligned C-contiguous arrays are shared through DLPack
-  (no copy: `tf.constant` copied each chunk into fresh memory, 0.25 s a pass over 20k x 4096
-  floats here, issue 17); TensorFlow aborts the process on an unaligned buffer, so anything
-  else is copied. The tensor aliases `a`: it must not outlive `a`'s next overwrite in use."""
-  if (a.dtype == np.float32 and a.flags.c_contiguous and a.size
-      and a.ctypes.data % 64 == 0):
-    return tf.experimental.dlpack.from_dlpack(a.__dlpack__())
-  return tf.constant(a)
+    assignments = None
+    if keep:
+      assignments = [np.concatenate(p) if p else np.zeros([0], np.int32) for p in parts]
+    return counts, sums, float(inertia[0]), assignments
 
 
 def update_centroids(centroids: np.ndarray, counts: np.ndarray, sums: np.ndarray,

@@ -5,9 +5,10 @@ replicas with all_reduce(SUM), the eigendecomposition is done once on the host, 
 eigenvalues are floored at max * 1e-5, and features are projected and scaled by
 eigenvalue^-0.5, optionally reduced to `pca_dim`, then L2-normalised.
 
-Memory: moments are accumulated chunk by chunk from the host rows (float32 or float16),
-on a seeded sample of them when asked (the original fits its PCA on a bounded number of
-images), and `Whitening.apply_in_place` writes the whitened rows over the features they
+Memory and traffic: moments are accumulated chunk by chunk from the host rows (float32 or
+float16) on each replica's device, in float64, and cross replicas once (issue 25), on a
+seeded sample of the rows when asked (the original fits its PCA on a bounded number of
+images); and `Whitening.apply_in_place` writes the whitened rows over the features they
 came from, so clustering holds the features once.
 """
 
@@ -18,7 +19,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from dc_tf import distribute as dist
+from dc_tf.clustering import replicas as replicas_lib
 
 EIGEN_FLOOR = 1e-5
 
@@ -46,39 +47,39 @@ class Whitening:
     return x[:, :p]
 
 
-def _moments(x):
-  x = tf.cast(x, tf.float64)
-  return tf.cast(tf.shape(x)[0], tf.float64), tf.reduce_sum(x, axis=0), tf.matmul(x, x, transpose_a=True)
-
-
-_chunk_moments = tf.function(_moments, reduce_retracing=True)
-
-
-def sample_rows(n: int, sample: int, seed: int) -> np.ndarray | None:
-  """Sorted indices of a seeded sample of `sample` of n rows (None: all of them)."""
-  if not sample or n <= sample:
-    return None
-  return np.sort(np.random.default_rng([seed, 5]).choice(n, sample, replace=False))
+def _moments_step(chunk, constants):
+  """A replica's share of the moments pass (replicas.DevicePass): row count, sum and X^T X
+  of the chunk in float64, added to the accumulators on this device (issue 25: a per-chunk
+  d x d fetch was 67 MB a chunk at d = 4096)."""
+  del constants
+  x = tf.cast(chunk, tf.float64)
+  n = tf.cast(tf.shape(x)[0], tf.float64)[None]
+  return (n, tf.reduce_sum(x, axis=0), tf.matmul(x, x, transpose_a=True)), n
 
 
 def fit_whitening(strategy, local_x: list[np.ndarray], dim: int = 0, sample: int = 0,
-                  chunk_size: int = 16384) -> Whitening:
-  """Fits on all rows, or on about `sample` rows in all (a seeded sample of each replica's)."""
-  from dc_tf.clustering import kmeans as km
-  per = max(1, sample // max(strategy.num_replicas_in_sync, 1)) if sample else 0
-  first = dist.worker_index(strategy) * dist.num_local_replicas(strategy)
-  stats = []
-  for i, (device, x) in enumerate(zip(dist.local_devices(strategy), local_x)):
-    rows = sample_rows(len(x), per, first + i)
-    d = x.shape[1]
-    n, s, xtx = 0.0, np.zeros(d), np.zeros([d, d])
-    with tf.device(device):
-      for start in range(0, len(x) if rows is None else len(rows), chunk_size):
-        part = x[start:start + chunk_size] if rows is None else x[rows[start:start + chunk_size]]
-        cn, cs, cxtx = _chunk_moments(tf.constant(np.asarray(part, np.float32)))
-        n, s, xtx = n + float(cn), s + cs.numpy(), xtx + cxtx.numpy()
-    stats.append([np.array([n]), s, xtx])
-  (n,), s, xtx = km.DistributedKMeans(strategy).sum_over_replicas(stats)
+                  chunk_size: int = 16384, local_keys: list[np.ndarray] | None = None,
+                  seed: int = 0, traffic: replicas_lib.Traffic | None = None) -> Whitening:
+  """Fits on all rows, or on about `sample` rows in all: a seeded sample chosen by each
+  row's key (`local_keys`, e.g. image ids; by default the row's global position), so any
+  layout of the rows over replicas picks the same sample. Moments accumulate on each
+  replica's device in float64 and cross replicas once; their bytes are added to `traffic`."""
+  r = replicas_lib.Replicas.of(strategy)
+  sizes = r.sizes([len(x) for x in local_x])
+  n_all = int(sizes.sum())
+  local_rows = [None] * len(local_x)
+  if sample and sample < n_all:
+    if local_keys is None:
+      offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+      local_keys = [np.arange(offsets[r.first + i], offsets[r.first + i + 1])
+                    for i in range(len(local_x))]
+    local_rows = [replicas_lib.keyed_sample(replicas_lib.row_keys(k, seed + 5), sample / n_all)
+                  for k in local_keys]
+  d = local_x[0].shape[1]
+  moments = replicas_lib.DevicePass(r, _moments_step, chunk_size, 3)
+  ((n,), s, xtx), _ = moments(local_x, local_rows, [], [[1], [d], [d, d]])
+  if traffic is not None:
+    traffic.add(moments.traffic)
   if n < 2:
     raise ValueError(f"PCA needs at least 2 feature rows, got {int(n)}")
   mean = s / n
