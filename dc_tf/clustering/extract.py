@@ -1,7 +1,8 @@
 """Feature extraction for reassignment: pre-ReLU fc7 of non-rotated, center-cropped images.
 
-Each worker reads its own shards (file-level split by `InputContext`) and keeps its
-features and image ids in memory; nothing is written to disk or exchanged here.
+Each worker reads its own shards (file-level split by `InputContext`), every local replica
+extracts its share on its own device (`extract_per_replica`), and the features and image
+ids stay in host memory, one array per replica; nothing is written to disk or exchanged.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from dc_tf import distribute as dist
 from dc_tf.data import reader
 
 
@@ -25,16 +27,19 @@ def _stack(parts: list[np.ndarray], dtype=None) -> np.ndarray:
   return out
 
 
+KEYS = ("image_id", "label", "user_id", "tags", "device", "lat", "lon")
+
+
 def extract(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
             endpoints=("fc7",), input_context=None, progress: bool = True,
             max_images: int = 0, postprocess=None, dtype=np.float32) -> dict:
-  """Runs the trunk (inference mode) over every image once, in shard order.
+  """Runs the trunk (inference mode) over every image once, in shard order, on one device.
 
   Returns {endpoint: float32 [n, ...] for each endpoint, 'image_id': int64 [n],
   'label': int64 [n], 'user_id'/'tags'/'device': bytes [n], 'lat'/'lon': [n],
-  'skipped': bad records dropped}. `postprocess(endpoint, array)` is applied per batch
-  (e.g. pooling conv maps, so that full maps of the whole set never sit in memory).
-  Endpoint arrays are kept in `dtype` (float16 halves clustering's host memory) and held
+  'skipped': bad records dropped, 'computed_on': the device the features came from}.
+  `postprocess(endpoint, array)` is applied per batch (e.g. pooling conv maps, so that full
+  maps of the whole set never sit in memory). Endpoint arrays are kept in `dtype` (float16 halves clustering's host memory) and held
   once: batches are moved into the result one by one.
   """
   ds = reader.build_extraction_dataset(pattern, image_size=image_size, batch_size=batch_size,
@@ -42,35 +47,99 @@ def extract(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
 
   @tf.function(reduce_retracing=True)
   def forward(images):
-    out = trunk(images, training=False)
-    return {e: tf.cast(out[e], tf.float32) for e in endpoints}
+    out = trunk(images[0], training=False)
+    return [{e: tf.cast(out[e], tf.float32) for e in endpoints}]
 
-  keys = ("image_id", "label", "user_id", "tags", "device", "lat", "lon")
-  cols: dict[str, list] = {k: [] for k in (*endpoints, *keys)}
+  return _run(ds, forward, 1, pattern, endpoints, progress, max_images, postprocess, dtype)[0]
+
+
+def extract_per_replica(strategy, trunk, pattern: str, *, image_size: int,
+                        batch_size: int = 256, endpoints=("fc7",), progress: bool = True,
+                        postprocess=None, dtype=np.float32) -> list[dict]:
+  """`extract` on every replica of this worker at once, each replica its own share.
+
+  The worker reads its shards (file-level split between workers, as training does); its
+  batches are dealt to its G local replicas in turn, and one `strategy.run` per G batches
+  runs the trunk on every replica's device concurrently (issue 25: one device extracting a
+  worker's 12M images while 7 waited). Returns one `extract`-style dict per local replica,
+  its rows held in host memory for the clustering; nothing crosses workers (no collective:
+  workers with unequal shares do not wait on each other).
+  """
+  n_local = dist.num_local_replicas(strategy)
+  ctx = tf.distribute.InputContext(
+      num_input_pipelines=max(1, strategy.num_replicas_in_sync // n_local),
+      input_pipeline_id=dist.worker_index(strategy))
+  ds = reader.build_extraction_dataset(pattern, image_size=image_size, batch_size=batch_size,
+                                       input_context=ctx)
+
+  placed = [None] * n_local   # the device each replica's ops are pinned to (at tracing)
+
+  @tf.function(reduce_retracing=True)
+  def run(images):
+    def fn(x):
+      ctx = tf.distribute.get_replica_context()
+      local = int(tf.get_static_value(ctx.replica_id_in_sync_group) or 0) % n_local
+      out = trunk(x, training=False)
+      placed[local] = out[endpoints[0]].device or None
+      return {e: tf.cast(out[e], tf.float32) for e in endpoints}
+    return strategy.run(fn, args=(images,))
+
+  def forward(images):
+    out = run(dist.distribute_local(strategy, images))
+    return [{e: strategy.experimental_local_results(out[e])[i] for e in endpoints}
+            for i in range(n_local)]
+
+  outs = _run(ds, forward, n_local, pattern, endpoints, progress, 0, postprocess, dtype)
+  for out, device in zip(outs, placed):
+    out["computed_on"] = device or out["computed_on"]
+  return outs
+
+
+def _run(ds, forward, n_local, pattern, endpoints, progress, max_images, postprocess,
+         dtype) -> list[dict]:
+  """Deals `ds`'s batches to n_local replicas in turn (a replica with none left this round
+  gets an empty batch); `forward(list of image batches)` gives each one's endpoints."""
+  cols = [{k: [] for k in (*endpoints, *KEYS)} for _ in range(n_local)]
   skipped, seen = 0, 0
   bar = tqdm(unit="img", desc="extracting features", disable=not progress, leave=False)
-  for batch in ds:
-    feats = forward(batch["image"])
-    for e in endpoints:
-      value = feats[e].numpy()
-      cols[e].append((postprocess(e, value) if postprocess else value).astype(dtype, copy=False))
-    for k in keys:
-      cols[k].append(batch[k].numpy())
-    skipped = max(skipped, int(batch["skipped"].numpy().max()))
-    n = int(batch["image_id"].shape[0])
-    seen += n
-    bar.update(n)
+  it = iter(ds)
+  while True:
+    batches = [next(it, None) for _ in range(n_local)]
+    if batches[0] is None:
+      break
+    blank = tf.zeros([0, *batches[0]["image"].shape[1:]], batches[0]["image"].dtype)
+    feats = forward([blank if b is None else b["image"] for b in batches])
+    for i, batch in enumerate(batches):
+      if batch is None:
+        continue
+      cols[i].setdefault("computed_on", feats[i][endpoints[0]].device)
+      for e in endpoints:
+        value = feats[i][e].numpy()
+        cols[i][e].append((postprocess(e, value) if postprocess else value).astype(dtype, copy=False))
+      for k in KEYS:
+        cols[i][k].append(batch[k].numpy())
+      skipped = max(skipped, int(batch["skipped"].numpy().max()))
+      n = int(batch["image_id"].shape[0])
+      seen += n
+      bar.update(n)
     if max_images and seen >= max_images:
       break
   bar.close()
-  if not cols["image_id"]:
+  if not cols[0]["image_id"]:
     corrupt = reader.corrupt_shards(reader.list_shards(pattern))
     detail = (f"; {len(corrupt)} corrupt shard file(s), not TFRecord or damaged: "
               f"{', '.join(corrupt[:5])}{' ...' if len(corrupt) > 5 else ''}" if corrupt else "")
     raise reader.DataError(f"no decodable image in {pattern!r} ({skipped} bad records "
                            f"skipped{detail})")
-  out = {k: _stack(v) for k, v in cols.items()}
-  if max_images:
-    out = {k: v[:max_images] for k, v in out.items()}
-  out["skipped"] = skipped
-  return out
+  empty = {k: [cols[0][k][0][:0]] for k in (*endpoints, *KEYS)}  # a replica with no batch
+  outs = []
+  for c in cols:
+    computed_on = c.pop("computed_on", None)
+    c = c if c["image_id"] else {k: list(v) for k, v in empty.items()}
+    out = {k: _stack(v) for k, v in c.items()}
+    out["computed_on"] = computed_on   # the device its features came from
+    if max_images:
+      out = {k: v[:max_images] for k, v in out.items()}
+    out["skipped"] = skipped
+    outs.append(out)
+  return outs

@@ -64,16 +64,16 @@ def test_changed_global_batch_is_refused(tiny_shards, tmp_path):
 
 
 def test_collapse_alarm(tiny_shards, tmp_path, monkeypatch, caplog):
-  real = extract.extract
+  real = extract.extract_per_replica
 
   def collapsing(*args, **kwargs):
-    out = real(*args, **kwargs)
+    (out,) = real(*args, **kwargs)   # one replica
     rng = np.random.default_rng(0)
     f = np.tile(rng.normal(size=(1, out["fc7"].shape[1])), (len(out["fc7"]), 1))
     f[: len(f) // 8] += rng.normal(size=(len(f) // 8, f.shape[1])) * 5  # 1/8 spread, rest one point
     out["fc7"] = f.astype(np.float32)  # 7/8 of the images share one feature vector
-    return out
-  monkeypatch.setattr(extract, "extract", collapsing)
+    return [out]
+  monkeypatch.setattr(extract, "extract_per_replica", collapsing)
   cfg = tiny_config(tiny_shards, tmp_path / "col", epochs=1, knn_monitor=False)
   run = trainer.Trainer(cfg, tf.distribute.get_strategy())
   with caplog.at_level("WARNING"):
