@@ -1,6 +1,6 @@
 """Run by the multi-worker tests in separate processes (TF_CONFIG set by the test).
 
-  python tests/multiworker_job.py kmeans OUT.npz   # hierarchical k-means on fixed data
+  python tests/multiworker_job.py kmeans OUT.npz SHARDS WEIGHTS.npz   # extraction + k-means
   python tests/multiworker_job.py steps INIT.npz OUT_PREFIX   # 3 train steps, 2 CPU replicas
 """
 
@@ -22,14 +22,30 @@ def fixed_data(n=900, d=8, seed=0):
   return x, np.arange(n, dtype=np.int64) * 11 + 5
 
 
-def kmeans_job(out_path):
-  from dc_tf.clustering import hierarchy
-  strategy = dist.make_strategy()
+def kmeans_job(out_path, shards, weights_path):
+  """2 logical CPU replicas per worker: (a) hierarchical k-means on fixed data split over the
+  4 replicas; (b) every replica extracts its share of `shards` with the trunk saved in
+  `weights_path`, then the table is clustered from the per-replica rows."""
+  from dc_tf.clustering import extract, hierarchy
+  from dc_tf.models import vgg
+  strategy = dist.make_strategy(cpu_replicas=2)
   x, ids = fixed_data()
-  w, n_workers = dist.worker_index(strategy), strategy.num_replicas_in_sync
-  rows = np.array_split(np.arange(len(x)), n_workers)[w]
-  a = hierarchy.cluster(strategy, [x[rows]], [ids[rows]], m=3, k=3, iters=8, seed=0)
-  np.savez(out_path, ids=a.image_ids, sup=a.super_cluster, sub=a.sub_cluster)
+  w, n = dist.worker_index(strategy), strategy.num_replicas_in_sync
+  parts = np.array_split(np.arange(len(x)), n)[2 * w:2 * w + 2]
+  a = hierarchy.cluster(strategy, [x[p] for p in parts], [ids[p] for p in parts], m=3, k=3,
+                        iters=8, seed=0)
+  with strategy.scope():
+    trunk = vgg.build_trunk(32, 0.125, 16)
+  weights = np.load(weights_path)
+  trunk.set_weights([weights[f"w{i}"] for i in range(len(weights.files))])
+  per = extract.extract_per_replica(strategy, trunk, shards, image_size=32, batch_size=4,
+                                    progress=False)
+  b = hierarchy.cluster(strategy, [p["fc7"] for p in per], [p["image_id"] for p in per],
+                        m=2, k=3, iters=5, pca_dim=8, seed=0)
+  np.savez(out_path, ids=a.image_ids, sup=a.super_cluster, sub=a.sub_cluster,
+           x_ids=b.image_ids, x_sup=b.super_cluster, x_sub=b.sub_cluster,
+           rows=[len(p["image_id"]) for p in per],
+           devices=[p["computed_on"] for p in per])
 
 
 MODES = ("deepercluster", "deepcluster")   # S = 8 whole heads; S = 1 head cut into shards

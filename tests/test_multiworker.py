@@ -13,18 +13,35 @@ from workers import run_workers
 pytestmark = pytest.mark.slow
 
 
-def test_two_worker_kmeans_equals_one_process(tmp_path):
+def test_two_workers_of_two_devices_extract_and_cluster_like_one_process(tiny_shards, tmp_path):
+  """2 MWMS workers x 2 logical CPUs: every device extracts its share, and k-means on fixed
+  data and on the extracted features gives the 1-replica table (issue 25)."""
   from multiworker_job import fixed_data
-  from dc_tf.clustering import hierarchy
+  from dc_tf.clustering import extract, hierarchy
+  from dc_tf.models import vgg
+  trunk = vgg.build_trunk(32, 0.125, 16)
+  np.savez(tmp_path / "trunk.npz", **{f"w{i}": w for i, w in enumerate(trunk.get_weights())})
   run_workers(lambda i: [os.path.join(REPO, "tests", "multiworker_job.py"), "kmeans",
-                         str(tmp_path / f"w{i}.npz")])
+                         str(tmp_path / f"w{i}.npz"), tiny_shards, str(tmp_path / "trunk.npz")])
   x, ids = fixed_data()
   single = hierarchy.cluster(tf.distribute.get_strategy(), [x], [ids], m=3, k=3, iters=8, seed=0)
+  feats = extract.extract(trunk, tiny_shards, image_size=32, batch_size=4, progress=False)
+  table = hierarchy.cluster(tf.distribute.get_strategy(), [feats["fc7"]], [feats["image_id"]],
+                            m=2, k=3, iters=5, pca_dim=8, seed=0)
+  rows = 0
   for i in range(2):
     got = np.load(tmp_path / f"w{i}.npz")
     np.testing.assert_array_equal(got["ids"], single.image_ids)
     np.testing.assert_array_equal(got["sup"], single.super_cluster)
     np.testing.assert_array_equal(got["sub"], single.sub_cluster)
+    np.testing.assert_array_equal(got["x_ids"], table.image_ids)
+    np.testing.assert_array_equal(got["x_sup"], table.super_cluster)
+    np.testing.assert_array_equal(got["x_sub"], table.sub_cluster)
+    assert list(got["rows"]) == [12, 12]   # each worker reads 2 of the 4 shards (24 images)
+    assert [d.rsplit(":", 1)[1] for d in got["devices"]] == ["0", "1"]
+    assert all(f"task:{i}" in d for d in got["devices"])
+    rows += got["rows"].sum()
+  assert rows == 48
 
 
 def test_two_worker_training_ends_with_identical_weights(tiny_shards, tmp_path):

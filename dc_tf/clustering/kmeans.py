@@ -1,11 +1,14 @@
 """k-means as tf.functions with cross-replica sums (no faiss, no shared disk).
 
-Each replica keeps its own rows in host memory (float32 or float16), read chunk by chunk:
-an iteration assigns them (||c||^2 - 2 x c^T and argmin; never an N x k matrix, never a
-device copy of the whole shard), accumulates per-cluster counts and sums, and all-reduces
-those: only k*(d+1) numbers cross the network, as in the original's distributed k-means. The centroid update and the re-split of empty clusters
-run on the host from the reduced (hence identical) sums with a seeded generator, so
-every worker makes the same choice.
+Each replica keeps its own rows in host memory (float32 or float16). A pass (one Lloyd
+iteration) sends each replica's rows to its device chunk by chunk, all local replicas at
+once; a chunk is assigned there (||c||^2 - 2 x c^T and argmin; never an N x k matrix), and
+its per-cluster counts and float64 sums are added to accumulators that stay on the device.
+At the end of the pass one all-reduce combines them: only k*(d+1) numbers cross replicas
+and the host, once a pass, as in the original's distributed k-means
+(`dc_tf.clustering.replicas.DevicePass`; issue 25). The centroid update and the re-split of
+empty clusters run on the host from the reduced (hence identical) sums with a seeded
+generator, so every worker makes the same choice.
 """
 
 from __future__ import annotations
