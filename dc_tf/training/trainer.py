@@ -23,7 +23,8 @@ from tqdm import tqdm
 from dc_tf import distribute as dist
 from dc_tf import placement as placement_lib
 from dc_tf.clustering import extract, hierarchy
-from dc_tf.config import ExperimentConfig
+from dc_tf.clustering import replicas as replicas_lib
+from dc_tf.config import ExperimentConfig, UserError
 from dc_tf.data import preprocess, reader, sampler
 from dc_tf.models import heads as heads_lib
 from dc_tf.models import vgg
@@ -56,6 +57,14 @@ class Trainer:
   def __init__(self, config: ExperimentConfig, strategy: tf.distribute.Strategy):
     self.config, self.strategy = config, strategy
     t, mc = config.train, config.model
+    if t.jit_compile and strategy.num_replicas_in_sync > 1:
+      # The trunk's synchronised batch norm all-reduces inside the compiled function, which
+      # tf.distribute cannot nest (merge_call in a nested tf.function): refused up front, not
+      # a deep RuntimeError at the first step (issue 25).
+      raise UserError(
+          f"--jit_compile runs on one replica only; this run has "
+          f"{strategy.num_replicas_in_sync} (synchronised batch norm all-reduces inside the "
+          "trunk, which XLA cannot compile under tf.distribute): drop --jit_compile")
     self.global_batch = t.batch_per_replica * strategy.num_replicas_in_sync
     self.is_chief = dist.is_chief(strategy)
     # --seed fixes the initial weights and dropout too (Python, NumPy, TF and Keras seeds),
@@ -248,25 +257,26 @@ class Trainer:
     """Extracts fc7 of every image, whitens, clusters hierarchically, re-inits heads."""
     cfg, t0 = self.config, time.time()
     logging.info("reassignment at epoch %d: extracting features, then k-means", epoch)
-    ctx = tf.distribute.InputContext(
-        num_input_pipelines=max(1, self.strategy.num_replicas_in_sync
-                                // dist.num_local_replicas(self.strategy)),
-        input_pipeline_id=dist.worker_index(self.strategy))
-    feats = extract.extract(self.trunk, cfg.data.data_pattern, image_size=cfg.model.image_size,
-                            batch_size=max(self.config.train.batch_per_replica, 128),
-                            input_context=ctx, progress=self.is_chief,
-                            dtype=np.dtype(cfg.clustering.feature_dtype))
-    local_f = dist.split_local(self.strategy, feats["fc7"])
-    local_ids = dist.split_local(self.strategy, feats["image_id"])
+    # Every local replica extracts its share on its device; the rows stay in host memory,
+    # one array per replica, for the clustering's per-replica passes (issue 25).
+    feats = extract.extract_per_replica(
+        self.strategy, self.trunk, cfg.data.data_pattern, image_size=cfg.model.image_size,
+        batch_size=max(self.config.train.batch_per_replica, 128), progress=self.is_chief,
+        dtype=np.dtype(cfg.clustering.feature_dtype))
+    local_f = [f.pop("fc7") for f in feats]
+    local_ids = [f["image_id"] for f in feats]
+    skipped = max(f["skipped"] for f in feats)
     c = cfg.clustering
+    traffic = replicas_lib.Traffic()
     with self._guard("clustering"):
       assignment = hierarchy.cluster(
           self.strategy, local_f, local_ids, m=cfg.num_super_clusters, k=c.k,
           iters=c.kmeans_iters, pca_dim=c.pca_dim, pca_sample=c.pca_sample,
           seed=c.seed + 1000 * epoch, init=c.kmeans_init, chunk_size=c.chunk_size,
           progress=self.watchdog.beat,
-          fit_sample=c.fit_sample // dist.num_local_replicas(self.strategy), in_place=True)
-    del local_f, feats["fc7"]   # whitened in place by the clustering; not needed any more
+          fit_sample=c.fit_sample // dist.num_local_replicas(self.strategy), in_place=True,
+          traffic=traffic)
+    del local_f   # whitened in place by the clustering; not needed any more
     self.table_ids.assign(assignment.image_ids)
     self.table_super.assign(assignment.super_cluster)
     self.table_sub.assign(assignment.sub_cluster)
@@ -279,7 +289,10 @@ class Trainer:
              "seconds": round(time.time() - t0, 2), "empty_resplit": assignment.resplit,
              "nonempty_clusters": int((sizes > 0).sum()),
              "largest_cluster_share": float(sizes.max() / len(labels)),
-             "skipped_records": int(feats["skipped"])}
+             "skipped_records": int(skipped),
+             "host_to_device_bytes": traffic.to_device,
+             "device_to_host_bytes": traffic.from_device,
+             "cross_replica_bytes": traffic.cross_replica}
     if stats["largest_cluster_share"] > COLLAPSE_SHARE:
       logging.warning("collapse alarm: one cluster holds %.0f%% of the images (> %.0f%%): "
                       "features may be collapsing (lower --lr, check the data)",

@@ -108,6 +108,19 @@ def test_two_replicas_match_one_for_the_same_global_batch(tiny_shards, tmp_path)
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_jit_compile_with_several_replicas_is_refused_in_one_line(tmp_path, replicas):
+  """Synchronised batch norm all-reduces inside the compiled trunk: tf.distribute cannot
+  nest that (a RuntimeError deep in BatchNormalization.call at the first step before)."""
+  from conftest import cpu_strategy
+  from multiworker_job import layout_config
+  from dc_tf.config import UserError
+  cfg = layout_config("deepercluster", str(tmp_path), replicas).replace(
+      train={"jit_compile": True})
+  with pytest.raises(UserError, match=f"one replica only; this run has {replicas}"):
+    trainer.Trainer(cfg, cpu_strategy(replicas))
+
+
 def test_jit_compile_trains_the_same_weights(tiny_shards, tmp_path):
   """--jit_compile XLA-compiles forward and backward; the weights after two steps match the
   plain graph's (hierarchical loss with sub-heads, batch norm, weight decay)."""
