@@ -23,7 +23,8 @@ def print_plan(config):
   from dc_tf import plan
   from dc_tf.data import reader
   f = flags.FLAGS
-  images = f.num_images or len(reader.read_image_ids(config.data.data_pattern))
+  images = f.num_images or reader.pool_size(config.data.data_pattern,
+                                            cache_dir=config.train.model_dir)
   print(plan.format_plan(plan.memory_plan(config, f.num_replicas, f.replicas_per_worker, images),
                          f.device_gb))
 
