@@ -27,6 +27,9 @@ def print_plan(config):
                                             cache_dir=config.train.model_dir)
   print(plan.format_plan(plan.memory_plan(config, f.num_replicas, f.replicas_per_worker, images),
                          f.device_gb))
+  print()
+  print(plan.format_reassignment(plan.reassignment_plan(
+      config, f.num_replicas, f.replicas_per_worker, images, f.host_gb)))
 
 
 def main(argv):

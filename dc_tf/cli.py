@@ -49,7 +49,11 @@ def define_train_flags() -> None:
   flags.DEFINE_enum("mode", _T.mode, list(MODES), "deepercluster | rotnet | deepcluster.")
   flags.DEFINE_string("model_dir", _T.model_dir, "Run directory (checkpoints, logs, export).")
   flags.DEFINE_integer("epochs", _T.epochs, "Epochs.")
-  flags.DEFINE_integer("epoch_size", _T.epoch_size, "Images drawn per epoch; 0 = pool size.")
+  flags.DEFINE_integer("epoch_size", _T.epoch_size,
+                       "Images drawn per epoch; 0 = --epoch_fraction of the pool.")
+  flags.DEFINE_float("epoch_fraction", _T.epoch_fraction,
+                     "With --epoch_size=0: the share of the pool drawn per epoch "
+                     "(the original's DeepCluster mode draws 0.25).")
   flags.DEFINE_integer("batch_per_replica", _T.batch_per_replica, "Examples per replica and step.")
   flags.DEFINE_bool("all_rotations", _T.all_rotations, "Each image with its 4 rotations in a batch.")
   flags.DEFINE_float("lr", _T.lr, "Base learning rate.")
@@ -82,11 +86,14 @@ def define_train_flags() -> None:
                      "above the time of one loop of --steps_per_loop steps.")
   flags.DEFINE_float("max_minutes", 0.0, "Stop (resumably) after this many minutes; 0 = no limit.")
   # --plan: print the memory plan for a layout and exit, allocating nothing
-  flags.DEFINE_bool("plan", False, "Print the memory plan (per replica and per worker) and exit.")
+  flags.DEFINE_bool("plan", False, "Print the memory plan (per replica and per worker) and the "
+                    "reassignment's FLOPs, bytes and time, and exit.")
   flags.DEFINE_integer("num_replicas", 1, "--plan: replicas in sync over all workers.")
   flags.DEFINE_integer("replicas_per_worker", 1, "--plan: replicas (GPUs) per worker.")
   flags.DEFINE_integer("num_images", 0, "--plan: images in the pool; 0 = count --data_pattern.")
   flags.DEFINE_float("device_gb", 80.0, "--plan: accelerator memory to check the plan against.")
+  flags.DEFINE_float("host_gb", 1000.0, "--plan: host memory per worker free for clustering "
+                     "(above it the plan recommends float16 features or more workers).")
 
 
 def config_from_flags() -> ExperimentConfig:
@@ -103,7 +110,8 @@ def config_from_flags() -> ExperimentConfig:
                                   chunk_size=f.chunk_size, seed=f.seed,
                                   fit_sample=f.fit_sample, feature_dtype=f.feature_dtype),
       train=TrainConfig(mode=f.mode, model_dir=f.model_dir, epochs=f.epochs,
-                        epoch_size=f.epoch_size, batch_per_replica=f.batch_per_replica,
+                        epoch_size=f.epoch_size, epoch_fraction=f.epoch_fraction,
+                        batch_per_replica=f.batch_per_replica,
                         all_rotations=f.all_rotations, lr=f.lr, warmup_epochs=f.warmup_epochs,
                         schedule=f.schedule, momentum=f.momentum, weight_decay=f.weight_decay,
                         uniform_sampler=f.uniform_sampler, reinit_heads=f.reinit_heads,

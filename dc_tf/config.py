@@ -75,7 +75,9 @@ class TrainConfig:
   mode: str = "deepercluster"
   model_dir: str = "runs/demo"
   epochs: int = 6
-  epoch_size: int = 0                 # images sampled per epoch; 0 = pool size
+  epoch_size: int = 0                 # images sampled per epoch; 0 = epoch_fraction of the pool
+  epoch_fraction: float = 1.0         # with epoch_size 0: this share of the pool an epoch
+                                      # (the original's DeepCluster mode draws a quarter)
   batch_per_replica: int = 64
   all_rotations: bool = True          # each image appears with its 4 rotations in a batch
   lr: float = 0.1
@@ -151,6 +153,7 @@ class ExperimentConfig:
         (t.batch_per_replica >= 1, "--batch_per_replica must be >= 1"),
         (t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}"),
         (t.epoch_size >= 0, f"--epoch_size must be >= 0, got {t.epoch_size}"),
+        (0 < t.epoch_fraction <= 1, f"--epoch_fraction must be in (0, 1], got {t.epoch_fraction}"),
         (t.lr > 0, f"--lr must be > 0, got {t.lr}"),
         (t.schedule in ("constant", "cosine"), f"--schedule: {t.schedule!r}"),
         (t.cpu_replicas >= 0, f"--cpu_replicas must be >= 0, got {t.cpu_replicas}"),

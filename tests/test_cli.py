@@ -78,6 +78,46 @@ def test_the_paper_presets_are_what_the_original_ran():
   for name in ("deepcluster_yfcc100m.cfg", "rotnet_yfcc100m.cfg", "deepercluster_yfcc100m.cfg"):
     values, comment = preset(name)
     assert f"T={values['reassign_every']}" in comment, name
+    # src/utils.py check_parameters: epoch_size = size_dataset // nmb_super_clusters // 4, one
+    # rotation per process: an epoch draws each image once with one rotation (RotNet,
+    # DeeperCluster's 16 groups), or a quarter of the pool (DeepCluster: one group).
+    assert values["all_rotations"] == "false", name
+    assert values.get("epoch_size", "0") == "0", name
+    assert values.get("epoch_fraction", "1") == ("0.25" if "deepcluster_" in name else "1"), name
+  deep, comment = preset("deepcluster_yfcc100m.cfg")
+  assert deep["pca_dim"] == "4096" and "--dim_pca 4096" in comment
+
+
+def test_the_demo_preset_says_it_keeps_its_own_choices():
+  demo, comment = preset("demo.cfg")
+  assert demo["all_rotations"] == "true" and demo["pca_dim"] != "4096"
+  assert "keeps its own choices" in comment and "--all_rotations=true" in comment
+
+
+@pytest.mark.parametrize("name,steps", [
+    ("rotnet_yfcc100m.cfg", 48 // 8),               # the pool once, one rotation each
+    ("deepcluster_yfcc100m.cfg", 48 // 4 // 8),     # a quarter of the pool
+])
+def test_a_paper_presets_epoch_is_the_originals(name, steps, tiny_shards, tmp_path):
+  """The trainer's epoch under the preset's epoch flags, on 48 images at batch 8: the
+  --epoch_fraction wiring, not only the flagfile's text. A deadline already passed stops
+  the run before its first step, once the epoch is fixed (and DeepCluster has clustered)."""
+  import tensorflow as tf
+  from dc_tf.config import ExperimentConfig
+  from dc_tf.training import trainer
+  values, _ = preset(name)
+  cfg = ExperimentConfig().replace(
+      data={"image_size": 32, "data_pattern": tiny_shards},
+      model={"image_size": 32, "width": 0.125, "fc_dim": 32},
+      clustering={"m": 1, "k": 3, "pca_dim": 8, "kmeans_iters": 2, "chunk_size": 16},
+      train={"mode": values["mode"], "all_rotations": values["all_rotations"] == "true",
+             "epoch_size": int(values.get("epoch_size", 0)),
+             "epoch_fraction": float(values.get("epoch_fraction", 1)),
+             "batch_per_replica": 8, "epochs": 1, "knn_monitor": False,
+             "model_dir": str(tmp_path)}).validate()
+  run = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  run.fit(max_seconds=1e-9)
+  assert int(run.steps_per_epoch.numpy()) == steps
 
 
 def test_the_deepercluster_preset_refuses_random_weights_unless_asked(tiny_shards, tmp_path):

@@ -438,7 +438,7 @@ class Trainer:
       self._log(self.reassign(0))
       self._save()
     if not int(self.steps_per_epoch.numpy()):
-      epoch_images = t.epoch_size or self._pool_size()
+      epoch_images = t.epoch_size or max(1, int(t.epoch_fraction * self._pool_size()))
       per_step = self.global_batch // cfg.num_rotations if t.all_rotations else self.global_batch
       self.epoch_images.assign(epoch_images)
       self.steps_per_epoch.assign(max(1, epoch_images // max(per_step, 1)))
