@@ -30,6 +30,10 @@ def define_train_flags() -> None:
   flags.DEFINE_float("width", _M.width, "Channel-width multiplier (paper: 1).")
   flags.DEFINE_integer("fc_dim", _M.fc_dim, "fc6/fc7 units; 0 = 4096 * width.")
   flags.DEFINE_bool("sobel", _M.sobel, "Frozen Sobel front (False: raw RGB).")
+  flags.DEFINE_integer("input_pad", _M.input_pad,
+                       "Zero pixels around the input of the front (Sobel 3x3, or conv1 for "
+                       "RGB); -1 = ours (Sobel 2, RGB 0). A converted trunk's config.json "
+                       "says its own (python -m dc_tf.convert).")
   flags.DEFINE_float("dropout", _M.dropout, "Dropout after fc6.")
   # clustering
   flags.DEFINE_integer("m", _C.m, "Super-clusters (paper: 4).")
@@ -103,7 +107,7 @@ def config_from_flags() -> ExperimentConfig:
                       image_size=f.image_size, crop_scale_min=f.crop_scale_min,
                       shuffle_buffer=f.shuffle_buffer),
       model=ModelConfig(image_size=f.image_size, width=f.width, fc_dim=f.fc_dim, sobel=f.sobel,
-                        dropout=f.dropout),
+                        dropout=f.dropout, input_pad=f.input_pad),
       clustering=ClusteringConfig(m=f.m, k=f.k, reassign_every=f.reassign_every,
                                   pca_dim=f.pca_dim, pca_sample=f.pca_sample,
                                   kmeans_iters=f.kmeans_iters, kmeans_init=f.kmeans_init,

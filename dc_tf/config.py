@@ -47,10 +47,22 @@ class ModelConfig:
   fc_dim: int = 0                              # 0 = round(4096 * width)
   sobel: bool = True
   dropout: float = 0.5
+  input_pad: int = -1                          # zero pixels before the front (Sobel 3x3 or
+                                               # RGB conv1); -1 = ours: Sobel 2, RGB 0
 
   @property
   def fc_units(self) -> int:
     return self.fc_dim or max(8, int(round(4096 * self.width)))
+
+  @property
+  def pad(self) -> int:
+    return (2 if self.sobel else 0) if self.input_pad < 0 else self.input_pad
+
+  @property
+  def front(self) -> str:
+    """The trunk's front, as a flag line: weights trained on one front see other pixels
+    on another (issue 26)."""
+    return f"--sobel={str(self.sobel).lower()} --input_pad={self.pad}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +156,7 @@ class ExperimentConfig:
         (d.image_size == mo.image_size, "data and model image_size differ"),
         (mo.image_size >= 32, f"--image_size must be >= 32 (5 max-pools), got {mo.image_size}"),
         (0 < mo.width <= 4, f"--width must be in (0, 4], got {mo.width}"),
+        (-1 <= mo.input_pad <= 3, f"--input_pad must be in -1..3, got {mo.input_pad}"),
         (c.m >= 1, f"--m must be >= 1, got {c.m}"),
         (not self.uses_clustering or c.k >= 2, f"--k must be >= 2, got {c.k}"),
         (c.reassign_every >= 1, f"--reassign_every must be >= 1, got {c.reassign_every}"),

@@ -32,15 +32,30 @@ def sobel_kernels() -> tuple[np.ndarray, np.ndarray]:
   return gray, sobel
 
 
-def sobel_block(x):
-  """Frozen RGB -> gray -> (Gx, Gy). A 2-pixel pad then an unpadded 3x3 conv, so a
-  224 input gives a 226 map, as in the original code."""
+def default_pad(sobel: bool) -> int:
+  """The pad of our own fronts (`input_pad=-1`): 2 before the unpadded Sobel 3x3, none for RGB."""
+  return 2 if sobel else 0
+
+
+def front_size(image_size: int, sobel: bool, input_pad: int) -> int:
+  """Side of the map conv1 sees: the input padded by `input_pad`, less 2 for the unpadded
+  Sobel 3x3 (conv1 and the rest pad 'same')."""
+  return image_size + 2 * input_pad - (2 if sobel else 0)
+
+
+def sobel_block(x, pad: int = 2):
+  """Frozen RGB -> gray -> (Gx, Gy): a `pad`-pixel zero pad, then an unpadded 3x3 conv.
+
+  pad 2 is DeeperCluster's (a 224 input gives a 226 map); pad 1 is deepcluster's Sobel conv
+  with padding=1 (224 -> 224). DeeperCluster pads the RGB image before the gray conv, we pad
+  the gray one: equal, the gray conv has no bias."""
   gray_k, sobel_k = sobel_kernels()
   gray = keras.layers.Conv2D(1, 1, use_bias=False, trainable=False, name="sobel_gray")
   sobel = keras.layers.Conv2D(2, 3, padding="valid", use_bias=False, trainable=False,
                               name="sobel_filter")
   x = gray(x)
-  x = keras.layers.ZeroPadding2D(2, name="sobel_pad")(x)
+  if pad:
+    x = keras.layers.ZeroPadding2D(pad, name="sobel_pad")(x)
   x = sobel(x)
   gray.set_weights([gray_k])
   sobel.set_weights([sobel_k])
@@ -49,7 +64,7 @@ def sobel_block(x):
 
 def build_trunk(image_size: int = 224, width: float = 1.0, fc_dim: int = 4096,
                 sobel: bool = True, dropout: float = 0.5,
-                name: str = "vgg16_bn") -> keras.Model:
+                name: str = "vgg16_bn", input_pad: int = -1) -> keras.Model:
   """Builds the trunk as a functional Keras model whose outputs are named endpoints.
 
   Args:
@@ -59,13 +74,21 @@ def build_trunk(image_size: int = 224, width: float = 1.0, fc_dim: int = 4096,
     sobel: frozen Sobel front (2 input channels to conv1); False = raw RGB.
     dropout: after fc6.
     name: model name.
+    input_pad: zero pixels around the input of the front (the Sobel 3x3, or conv1 for RGB);
+      -1 = ours (`default_pad`: Sobel 2, RGB 0). The original's released files: DeeperCluster
+      Sobel 2, DeeperCluster RGB 1, deepcluster Sobel 1 (issue 26). Together with `sobel`
+      this is the trunk's front: the same weights on another front see other pixels.
   Returns:
     A `keras.Model` mapping images [B, S, S, 3] (normalised RGB) to a dict with
     conv1..conv13 (after BN+ReLU), fc6 (after ReLU) and fc7 (pre-ReLU: the clustering
     feature; heads use ReLU(fc7)).
   """
+  pad = default_pad(sobel) if input_pad < 0 else input_pad
   inputs = keras.Input([image_size, image_size, 3], name="images")
-  x = sobel_block(inputs) if sobel else inputs
+  if sobel:
+    x = sobel_block(inputs, pad)
+  else:
+    x = keras.layers.ZeroPadding2D(pad, name="input_pad")(inputs) if pad else inputs
   outputs = {}
   i = pools = 0
   for spec in VGG16_LAYOUT:
@@ -98,7 +121,7 @@ def trunk_from_config(model_config) -> keras.Model:
   """Builds the trunk from a `dc_tf.config.ModelConfig`."""
   return build_trunk(image_size=model_config.image_size, width=model_config.width,
                      fc_dim=model_config.fc_units, sobel=model_config.sobel,
-                     dropout=model_config.dropout)
+                     dropout=model_config.dropout, input_pad=model_config.pad)
 
 
 def fold_sobel(trunk: keras.Model) -> keras.Model:
@@ -116,6 +139,9 @@ def fold_sobel(trunk: keras.Model) -> keras.Model:
   if "sobel_filter" not in [l.name for l in trunk.layers]:
     raise ValueError("fold_sobel: this trunk has no Sobel front (built with sobel=False)")
   image_size = trunk.input_shape[1]
+  if trunk.get_layer("sobel_filter").output.shape[1] != image_size + 2:
+    raise ValueError("fold_sobel: the border term is derived for the 2-pixel Sobel pad; this "
+                     "trunk's Sobel front pads otherwise (input_pad)")
   k1, b1 = trunk.get_layer("conv1_conv").get_weights()        # [3,3,2,c1], [c1]
   gray_k, sobel_k = sobel_kernels()
   k5 = np.zeros([5, 5, 1, k1.shape[-1]], np.float32)

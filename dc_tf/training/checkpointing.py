@@ -58,11 +58,36 @@ def latest_checkpoint(path: str) -> str:
   raise CheckpointError(f"no checkpoint found at {path}")
 
 
-def restore_trunk(trunk, path: str) -> int:
+def _run_config_of(path: str, prefix: str) -> ExperimentConfig | None:
+  """The config.json of the run that `path` (a run dir, its ckpt/ folder or a checkpoint
+  prefix) belongs to; None when there is none (a bare checkpoint)."""
+  for folder in (path, os.path.dirname(path.rstrip("/")), os.path.dirname(os.path.dirname(prefix))):
+    if folder and tf.io.gfile.exists(os.path.join(folder, "config.json")):
+      return read_config(folder)
+  return None
+
+
+def check_front(model_config, path: str, prefix: str) -> None:
+  """Refuses a trunk trained on another front (Sobel or RGB, input pad): a pad differs in no
+  variable's shape, so the restore alone would load it silently (issue 26)."""
+  saved = _run_config_of(path, prefix)
+  if saved is None or (saved.model.sobel, saved.model.pad) == (model_config.sobel,
+                                                               model_config.pad):
+    return
+  raise CheckpointError(
+      f"{path} holds a trunk of front {saved.model.front}, this run's is {model_config.front}: "
+      f"conv1 would see other pixels than it was trained on. Pass {saved.model.front} to "
+      "follow the checkpoint")
+
+
+def restore_trunk(trunk, path: str, model_config=None) -> int:
   """Restores every trunk variable from a run's checkpoint (the rest of it, heads and
   optimizer, is ignored); returns its step. A checkpoint of another architecture, or one
-  without some trunk variable, is refused with the variables named."""
+  without some trunk variable, is refused with the variables named; with `model_config`,
+  so is one of another front (`check_front`)."""
   prefix = latest_checkpoint(path)
+  if model_config is not None:
+    check_front(model_config, path, prefix)
   step = tf.Variable(0, dtype=tf.int64)
   try:
     status = tf.train.Checkpoint(trunk=trunk, step=step).restore(prefix)

@@ -369,7 +369,8 @@ class Trainer:
         self.previous_labels = (self.table_super.numpy().astype(np.int64) * self.config.clustering.k
                                 + self.table_sub.numpy())
     elif self.config.train.init_checkpoint:
-      step = checkpointing.restore_trunk(self.trunk, self.config.train.init_checkpoint)
+      step = checkpointing.restore_trunk(self.trunk, self.config.train.init_checkpoint,
+                                         self.config.model)
       logging.info("trunk initialised from %s (step %d)", self.config.train.init_checkpoint, step)
     elif self.config.train.require_init_checkpoint:
       raise checkpointing.CheckpointError(

@@ -75,3 +75,16 @@ def test_heads_reinitialize():
   assert not sub.pieces[0][0][2].numpy().any()
   v_before = v.kernel.numpy().copy()
   assert len(v.reinitialize(seed=2)) == 2 and not np.allclose(v.kernel.numpy(), v_before)
+
+
+@pytest.mark.parametrize("sobel,input_pad,conv1_size", [
+    (True, -1, 34), (True, 2, 34), (True, 1, 32), (False, -1, 32), (False, 0, 32), (False, 1, 34)])
+def test_fronts_of_the_original_set_the_conv1_map(sobel, input_pad, conv1_size):
+  """Issue 26: DeeperCluster pads Sobel by 2 and RGB by 1, deepcluster's Sobel by 1 inside;
+  -1 keeps ours (Sobel 2, RGB 0), so existing runs build the trunk they were trained with."""
+  trunk = vgg.build_trunk(32, 0.125, 16, sobel=sobel, input_pad=input_pad)
+  assert trunk(np.zeros([1, 32, 32, 3], np.float32))["conv1"].shape[1] == conv1_size
+  assert vgg.front_size(32, sobel, input_pad if input_pad >= 0 else vgg.default_pad(sobel)) == conv1_size
+  if sobel and conv1_size != 34:
+    with pytest.raises(ValueError, match="2-pixel Sobel pad"):
+      vgg.fold_sobel(trunk)

@@ -1,0 +1,313 @@
+r"""Converts the original's released PyTorch VGG-16-BN checkpoints into a dc_tf run directory.
+
+  python -m dc_tf.convert --from_pytorch=downloaded_models/deepercluster/ours.pth \
+      --model_dir=runs/ours
+
+writes what a training run writes for its trunk (`checkpointing`): MODEL_DIR/config.json
+(224 px, width 1, fc 4096 and the file's front), MODEL_DIR/ckpt/ckpt-<epoch>, plus
+MODEL_DIR/converted_from.json (the file's sha256, layout, dropped keys). `evaluate.py
+--checkpoint=DIR`, `python -m dc_tf.export --model_dir=DIR` and `train.py --init_checkpoint=DIR`
+read it. Torch is not needed: `torch_pickle` reads both PyTorch containers and runs no
+pickled code.
+
+Layouts (issue 26):
+  deepercluster  facebookresearch/DeeperCluster's `ours.pth`, `deepcluster_flickr.pth`,
+                 `rotnet_*.pth`: `state_dict` keys `module.body.features.N.*`,
+                 `module.body.classifier.{0,3}.*`, `module.sobel.{0,1}.*` and the super-class
+                 layer `module.pred_layer.*` (dropped). Its `Net` pads the input by 2 before
+                 the unpadded Sobel 3x3, or by 1 before an RGB conv1 (model_factory.py).
+  deepcluster    facebookresearch/deepcluster's VGG-16 `checkpoint.pth.tar`: keys
+                 `features.module.N.*`, `classifier.{0,3}.*`, `sobel.{0,1}.*`, `top_layer.*`
+                 (dropped). Its Sobel 3x3 pads by 1 itself; an RGB conv1 is not padded.
+Sobel or RGB is read from conv1's input channels (2 or 3). BN epsilon is 1e-5 on both
+sides. Conv kernels [out, in, kh, kw] become [kh, kw, in, out]; fc6's inputs are reordered
+from PyTorch's (C, H, W) flattening to Keras's (H, W, C); fc7 is transposed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+
+from dc_tf import torch_pickle
+from dc_tf.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, UserError
+
+LAYOUTS = ("deepercluster", "deepcluster")
+# Where each layout pads the front (Sobel, RGB): DeeperCluster's model_factory pads 2 / 1
+# before the network; deepcluster's Sobel conv has padding=1, its RGB conv1 sees the image.
+FRONT_PAD = {("deepercluster", True): 2, ("deepercluster", False): 1,
+             ("deepcluster", True): 1, ("deepcluster", False): 0}
+VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+POOL_AFTER = (2, 4, 7, 10, 13)   # conv indices (1-based) followed by a 2x2 max-pool
+BN_OPTIONAL = ("num_batches_tracked",)   # absent from files older than torch 0.4.1
+SOBEL_TOLERANCE = 1e-6
+
+
+class ConversionError(UserError, ValueError):
+  """The file is not one of the layouts, or a key is missing, extra or of another shape."""
+
+
+def torch_feature_indices() -> list[int]:
+  """Index in `features` of each conv: conv, BN, ReLU per layer, one module per max-pool."""
+  indices, at = [], 0
+  for i in range(1, 14):
+    indices.append(at)
+    at += 3 + (1 if i in POOL_AFTER else 0)
+  return indices
+
+
+def canonical_keys(state: dict, layout: str = "auto") -> tuple[str, dict]:
+  """(layout, {key without wrapper prefixes: array}). DeeperCluster wraps the whole net
+  (`module.`) and names the VGG `body.`; deepcluster wraps only `features` (`features.module.`)."""
+  keys = list(state)
+  if layout == "auto":
+    if any(k.startswith(("features.module.", "top_layer.")) for k in keys):
+      layout = "deepcluster"
+    elif any(k.startswith(("module.", "body.", "pred_layer.")) for k in keys):
+      layout = "deepercluster"
+    else:
+      raise ConversionError(
+          f"cannot tell the layout from the keys (e.g. {', '.join(keys[:3])}): none is "
+          "DeeperCluster's module.body.* / pred_layer.* or deepcluster's features.module.* / "
+          "top_layer.*; pass --layout=deepercluster or --layout=deepcluster")
+  out = {}
+  for k, v in state.items():
+    name = k
+    for prefix in ("module.body.", "module.", "body."):
+      if name.startswith(prefix):
+        name = name[len(prefix):]
+        break
+    name = name.replace("features.module.", "features.")
+    if name in out:
+      raise ConversionError(f"key {k} duplicates {name} once its wrapper prefix is removed")
+    out[name] = v
+  return layout, out
+
+
+def _subhead_file(keys) -> bool:
+  return set(keys) <= {"weight", "bias", "module.weight", "module.bias"}
+
+
+def state_dict_of(obj, path: str) -> dict:
+  """The state dict in a loaded file: `obj['state_dict']` (both originals) or obj itself."""
+  state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+  if not isinstance(state, dict) or not state:
+    raise ConversionError(f"{path}: no state_dict (found {type(obj).__name__}"
+                          f"{' with keys ' + ', '.join(map(str, obj))[:120] if isinstance(obj, dict) else ''})")
+  if _subhead_file(state):
+    raise ConversionError(
+        f"{path} holds one linear layer (keys {', '.join(state)}): a DeeperCluster sub-head "
+        "file (N-pred_layer.pth.tar), not a trunk; convert the trunk's file (its heads are "
+        "dropped: a new run clusters again)")
+  bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
+  if bad:
+    raise ConversionError(f"{path}: state_dict key {bad[0]} is not a tensor")
+  return state
+
+
+@dataclasses.dataclass
+class Converted:
+  """What a file converts to: its config and the Keras weights, layer by layer."""
+  layout: str
+  model: ModelConfig
+  weights: dict            # Keras layer name -> list of arrays, in the layer's weight order
+  dropped: list            # keys read but not converted (heads, BN step counters)
+
+
+def _expect(key, array, shape):
+  if tuple(array.shape) != tuple(shape):
+    raise ConversionError(f"key {key} has shape {list(array.shape)}, this architecture needs "
+                          f"{list(shape)}")
+
+
+def _check_sobel(state, used):
+  from dc_tf.models import vgg
+  gray, sobel = vgg.sobel_kernels()
+  want = {"sobel.0.weight": np.full([1, 3, 1, 1], 1 / 3, np.float32),
+          "sobel.0.bias": np.zeros([1], np.float32),
+          "sobel.1.weight": sobel.transpose(3, 2, 0, 1),
+          "sobel.1.bias": np.zeros([2], np.float32)}
+  for key, value in want.items():
+    if key not in state:
+      raise ConversionError(f"missing key {key}: conv1 has 2 input channels (a Sobel model) "
+                            "but the file holds no Sobel front")
+    _expect(key, state[key], value.shape)
+    if not np.allclose(state[key], value, atol=SOBEL_TOLERANCE):
+      raise ConversionError(f"key {key} is not the fixed gray/Sobel filter the trunk's frozen "
+                            "front computes: this file's front was trained or altered")
+    used.add(key)
+
+
+def convert_state(state: dict, *, image_size: int = 224, layout: str = "auto") -> Converted:
+  """Maps a state dict (numpy arrays) onto the trunk's Keras weights, checking every key."""
+  from dc_tf.models import vgg
+  layout, state = canonical_keys(state, layout)
+  conv_at = torch_feature_indices()
+  first = state.get(f"features.{conv_at[0]}.weight")
+  if first is None or first.ndim != 4:
+    raise ConversionError(f"missing key features.0.weight (conv1): not a VGG-16 of the "
+                          f"{layout} layout (keys: {', '.join(list(state)[:4])}, ...)")
+  sobel = first.shape[1] == 2
+  if first.shape[1] not in (2, 3):
+    raise ConversionError(f"key features.0.weight has {first.shape[1]} input channels; "
+                          "2 (Sobel) or 3 (RGB) expected")
+  width = first.shape[0] / 64
+  fc = state.get("classifier.0.weight")
+  if fc is None:
+    raise ConversionError("missing key classifier.0.weight (fc6)")
+  model = ModelConfig(image_size=image_size, width=width, fc_dim=int(fc.shape[0]), sobel=sobel,
+                      dropout=0.5, input_pad=FRONT_PAD[(layout, sobel)])
+  widths = [vgg.channels(c, width) for c in VGG16_CHANNELS]
+  side = vgg.front_size(image_size, sobel, model.pad) // 32
+  flat = widths[-1] * side * side
+  if fc.shape[1] != flat:
+    found = fc.shape[1] / widths[-1]
+    raise ConversionError(
+        f"key classifier.0.weight has {fc.shape[1]} inputs = {widths[-1]} x {found:g}: "
+        f"--image_size={image_size} gives a {side}x{side} map ({flat} inputs); pass the size "
+        "the file was trained at")
+  used, weights, dropped = set(), {}, []
+  if sobel:
+    _check_sobel(state, used)
+  c_in = 2 if sobel else 3
+  for i, (at, c) in enumerate(zip(conv_at, widths), start=1):
+    w, b = f"features.{at}.weight", f"features.{at}.bias"
+    bn = [f"features.{at + 1}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
+    for key in [w, b] + bn:
+      if key not in state:
+        raise ConversionError(f"missing key {key} (conv{i})")
+    _expect(w, state[w], [c, c_in, 3, 3])
+    for key in [b] + bn:
+      _expect(key, state[key], [c])
+    weights[f"conv{i}_conv"] = [state[w].transpose(2, 3, 1, 0), state[b]]
+    weights[f"conv{i}_bn"] = [state[k] for k in bn]
+    used.update([w, b] + bn)
+    for p in BN_OPTIONAL:
+      if f"features.{at + 1}.{p}" in state:
+        used.add(f"features.{at + 1}.{p}")
+        dropped.append(f"features.{at + 1}.{p}")
+    c_in = c
+  fc_dim = model.fc_units
+  for key, shape in (("classifier.0.bias", [fc_dim]), ("classifier.3.weight", [fc_dim, fc_dim]),
+                     ("classifier.3.bias", [fc_dim])):
+    if key not in state:
+      raise ConversionError(f"missing key {key} ({'fc6' if '.0.' in key else 'fc7'})")
+    _expect(key, state[key], shape)
+  # PyTorch flattens pool5 as (C, H, W), Keras's Flatten as (H, W, C).
+  fc6 = fc.reshape(fc_dim, widths[-1], side, side).transpose(2, 3, 1, 0).reshape(flat, fc_dim)
+  weights["fc6_dense"] = [fc6, state["classifier.0.bias"]]
+  weights["fc7"] = [state["classifier.3.weight"].T, state["classifier.3.bias"]]
+  used.update(["classifier.0.weight", "classifier.0.bias", "classifier.3.weight",
+               "classifier.3.bias"])
+  head = "pred_layer" if layout == "deepercluster" else "top_layer"
+  for key in (f"{head}.weight", f"{head}.bias"):
+    if key in state:
+      used.add(key)
+      dropped.append(key)
+  extra = [k for k in state if k not in used]
+  if extra:
+    raise ConversionError(f"unexpected key {extra[0]}"
+                          f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''} in a "
+                          f"{layout} VGG-16 state dict")
+  weights = {k: [np.ascontiguousarray(a, np.float32) for a in v] for k, v in weights.items()}
+  return Converted(layout, model, weights, dropped)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: dict | None = None):
+  """Writes config.json, ckpt/ckpt-<epoch> and converted_from.json, all or nothing: into a
+  sibling folder first, renamed to `model_dir` at the end."""
+  import tensorflow as tf
+  from dc_tf.models import vgg
+  from dc_tf.training import checkpointing
+  mode = "deepcluster" if converted.layout == "deepcluster" else "deepercluster"
+  config = ExperimentConfig(
+      data=DataConfig(image_size=converted.model.image_size, data_pattern=""),
+      model=converted.model, train=TrainConfig(mode=mode, model_dir=model_dir)).validate()
+  trunk = vgg.trunk_from_config(config.model)
+  for name, arrays in converted.weights.items():
+    layer = trunk.get_layer(name)
+    want = [tuple(w.shape) for w in layer.weights]
+    if want != [a.shape for a in arrays]:   # the mapping and vgg.py disagree: a bug here
+      raise ConversionError(f"layer {name}: converted shapes {[a.shape for a in arrays]} do "
+                            f"not fit the trunk's {want}")
+    layer.set_weights(arrays)
+  staging = model_dir.rstrip("/") + ".converting"
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    checkpointing.write_config(staging, config)
+    ckpt = tf.train.Checkpoint(trunk=trunk, step=tf.Variable(epoch, dtype=tf.int64))
+    tf.train.CheckpointManager(ckpt, os.path.join(staging, "ckpt"), max_to_keep=1).save(
+        checkpoint_number=epoch)
+    with open(os.path.join(staging, "converted_from.json"), "w") as f:
+      json.dump({**(source or {}), "layout": converted.layout, "front": config.model.front,
+                 "dropped_keys": converted.dropped}, f, indent=2)
+    if os.path.isdir(model_dir):
+      os.rmdir(model_dir)   # empty (checked before): replaced by the staged folder
+    os.replace(staging, model_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  # A CheckpointManager records absolute paths in ckpt/checkpoint: rewrite them relative,
+  # so the run dir can be moved (and the staging name is not kept).
+  with open(os.path.join(model_dir, "ckpt", "checkpoint"), "w") as f:
+    f.write(f'model_checkpoint_path: "ckpt-{epoch}"\nall_model_checkpoint_paths: "ckpt-{epoch}"\n')
+  return config
+
+
+def convert_file(path: str, model_dir: str, *, image_size: int = 224,
+                 layout: str = "auto") -> ExperimentConfig:
+  """Reads, checks and converts `path`; writes the run dir only once everything fits."""
+  if os.path.isdir(model_dir) and os.listdir(model_dir):
+    raise ConversionError(f"--model_dir={model_dir} is not empty: the converter writes a new "
+                          "run directory")
+  obj = torch_pickle.load(path)
+  state = state_dict_of(obj, path)
+  try:
+    converted = convert_state(state, image_size=image_size, layout=layout)
+  except ConversionError as e:
+    raise ConversionError(f"{path}: {e}") from None
+  epoch = obj.get("epoch", 0) if isinstance(obj, dict) else 0
+  epoch = epoch if isinstance(epoch, int) and epoch >= 0 else 0
+  others = sorted(str(k) for k in obj if k != "state_dict") if isinstance(obj, dict) and \
+      "state_dict" in obj else []
+  source = {"file": os.path.abspath(path), "sha256": _sha256(path), "epoch": epoch,
+            "other_entries_ignored": others}
+  return write_run(converted, model_dir, epoch=epoch, source=source)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  config = convert_file(f.from_pytorch, f.model_dir, image_size=f.image_size, layout=f.layout)
+  m = config.model
+  print(f"wrote {f.model_dir}: VGG-16-BN, width {m.width:g}, fc {m.fc_units}, "
+        f"{m.image_size} px, front {m.front}\n"
+        f"  evaluate: python evaluate.py --checkpoint={f.model_dir} ...\n"
+        f"  serve:    python -m dc_tf.export --model_dir={f.model_dir}\n"
+        f"  train:    python train.py --init_checkpoint={f.model_dir} --image_size={m.image_size} "
+        f"--width={m.width:g} --fc_dim={m.fc_units} {m.front} ...")
+
+
+if __name__ == "__main__":
+  from absl import flags
+  from dc_tf import cli
+  flags.DEFINE_string("from_pytorch", None, "A .pth file of the original (either layout).",
+                      required=True)
+  flags.DEFINE_string("model_dir", None, "Run directory to write (new or empty).", required=True)
+  flags.DEFINE_integer("image_size", 224, "Input size the file was trained at (the paper: 224).")
+  flags.DEFINE_enum("layout", "auto", ("auto",) + LAYOUTS,
+                    "Key layout; auto tells them apart by their wrapper prefixes and head.")
+  cli.run(main)
