@@ -68,8 +68,8 @@ def _cluster(strategy, local_features, local_ids, *, m, k, iters, pca_dim, pca_s
   local_ids = [np.asarray(ids, np.int64) for ids in local_ids]
   whitening = pca.fit_whitening(strategy, local_features, pca_dim, pca_sample,
                                 local_keys=local_ids, seed=seed, traffic=traffic)
-  local_w = [whitening.apply_in_place(x) if in_place else whitening.apply(x)
-             for x in local_features]
+  local_w = (pca.whiten_in_place(strategy, whitening, local_features, traffic=traffic)
+             if in_place else [whitening.apply(x) for x in local_features])
   kmeans = km.DistributedKMeans(strategy, chunk_size, progress)
   resplit, inertia = 0, 0.0
   if m > 1:

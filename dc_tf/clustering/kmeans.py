@@ -97,10 +97,18 @@ def assign_scored(x: tf.Tensor, neg2c: tf.Tensor, c_sq: tf.Tensor, chunk_size: i
 
 def _lloyd_step(chunk, constants):
   """A replica's share of one pass (dc_tf.clustering.replicas.DevicePass): assigns the chunk;
-  its counts, sums and inertia are added to the accumulators on this device."""
+  its counts and float64 sums are added to the accumulators on this device as sparse rows
+  (a scatter-add of chunk x d, not a dense k x d delta per chunk: the pass's time grows with
+  rows x k x d, not with chunks x k x d), its inertia as a number."""
   neg2c, c_sq = constants
-  a, dists, counts, sums = assign_scored(chunk, neg2c, c_sq, tf.shape(chunk)[0] + 1)
-  return (counts, sums, tf.reduce_sum(tf.cast(dists, tf.float64))[None]), a
+  scores = tf.nn.bias_add(tf.matmul(chunk, neg2c, transpose_b=True), c_sq)
+  a = tf.argmin(scores, axis=1, output_type=tf.int32)
+  best = tf.gather(scores, a, batch_dims=1) + tf.reduce_sum(tf.square(chunk), axis=1)
+  n = tf.shape(chunk)[0]
+  counts = tf.IndexedSlices(tf.ones([n], tf.float64), a)
+  sums = tf.IndexedSlices(tf.cast(chunk, tf.float64), a)
+  inertia = tf.reduce_sum(tf.cast(tf.maximum(best, 0.0), tf.float64))[None]
+  return (counts, sums, inertia), a
 
 
 class DistributedKMeans:

@@ -47,6 +47,38 @@ class Whitening:
     return x[:, :p]
 
 
+def _whiten_step(chunk, constants):
+  """A replica's share of the whitening pass: (x - mean) P, L2-normalised, on the device."""
+  mean, projection = constants
+  y = tf.matmul(chunk - mean, projection)
+  return (), y / tf.maximum(tf.norm(y, axis=1, keepdims=True), 1e-12)
+
+
+def whiten_in_place(strategy, whitening: "Whitening", local_x: list[np.ndarray],
+                    chunk_size: int = 16384,
+                    traffic: replicas_lib.Traffic | None = None) -> list[np.ndarray]:
+  """`Whitening.apply_in_place` on every replica's device at once: each replica's rows go
+  to its device chunk by chunk and come back whitened, written over the first p columns of
+  the rows they came from (a chunk is copied out before it is overwritten). Returns the
+  [n_r, p] views. The projection costs 2 n d p FLOPs, 0.4 PFLOP a worker at the paper's
+  scale: minutes on the host, a second on 8 GPUs (issue 25)."""
+  p = whitening.projection.shape[1]
+  for x in local_x:
+    if p > x.shape[1]:
+      raise ValueError(f"in-place whitening needs pca_dim <= {x.shape[1]}, got {p}")
+
+  def write(i, start, y):
+    local_x[i][start:start + len(y), :p] = y
+  passes = replicas_lib.DevicePass(replicas_lib.Replicas.of(strategy), _whiten_step,
+                                   chunk_size, 0)
+  passes(local_x, [None] * len(local_x),
+         [whitening.mean.astype(np.float32), whitening.projection.astype(np.float32)], [],
+         consume=write)
+  if traffic is not None:
+    traffic.add(passes.traffic)
+  return [x[:, :p] for x in local_x]
+
+
 def _moments_step(chunk, constants):
   """A replica's share of the moments pass (replicas.DevicePass): row count, sum and X^T X
   of the chunk in float64, added to the accumulators on this device (issue 25: a per-chunk

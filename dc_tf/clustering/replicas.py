@@ -255,7 +255,10 @@ class _PassFunctions:
       mine = self.variables[replicas.local_index()]
       deltas, out = step(chunk, constants)
       for v, delta in zip(mine, deltas):
-        v.assign_add(delta)
+        if isinstance(delta, tf.IndexedSlices):   # rows added in place (duplicates sum)
+          v.scatter_add(delta)
+        else:
+          v.assign_add(delta)
       return out
 
     @tf.function(reduce_retracing=True)
@@ -280,8 +283,9 @@ class DevicePass:
 
   `step(chunk, constants) -> (deltas, output)` runs on a replica's device (inside
   `strategy.run`, one call per chunk step for all local replicas; a replica whose rows are
-  done gets an empty chunk); the deltas (float64) are added to accumulator variables that
-  live on that device for the whole pass. Constants are sent to each device once per pass;
+  done gets an empty chunk); the deltas (float64; dense, or `tf.IndexedSlices` of rows to
+  scatter-add) are added to accumulator variables that live on that device for the whole
+  pass. Constants are sent to each device once per pass;
   at the end one cross-replica SUM combines the accumulators and the worker fetches the
   result once. Per-chunk outputs (e.g. assignments) are fetched only when asked. So a pass's
   host <-> device traffic is the rows once, the constants once and the accumulators once,
@@ -294,8 +298,10 @@ class DevicePass:
     self.traffic = Traffic()   # the last pass
 
   def __call__(self, local_x, local_rows, constants: list[np.ndarray],
-               shapes: list[list[int]], keep_outputs: bool = False):
-    """Returns (reduced accumulators as numpy, per-replica lists of outputs or None)."""
+               shapes: list[list[int]], keep_outputs: bool = False, consume=None):
+    """Returns (reduced accumulators as numpy, per-replica lists of outputs or None).
+    `consume(replica, first_row, output)`, if given, takes each chunk's output as it comes
+    (e.g. written over the rows it came from) instead of keeping it."""
     r = self.replicas
     traffic = Traffic()
     d = local_x[0].shape[1]
@@ -307,6 +313,7 @@ class DevicePass:
     traffic.to_device += sum(np.asarray(c).nbytes for c in constants) * r.n_local
     its = [chunks(x, rows, self.chunk_size) for x, rows in zip(local_x, local_rows)]
     outputs = [[] for _ in its]
+    starts = [0] * len(its)
     empty = np.zeros([0, d], np.float32)
     while True:
       batch = [next(it, None) for it in its]
@@ -317,14 +324,21 @@ class DevicePass:
       traffic.chunk_steps += 1
       tensors = [host_tensor(c, alias=r.host_devices) for c in batch]
       out = self._fns.step(dist.distribute_local(r.strategy, tensors), consts)
-      if keep_outputs:
+      if keep_outputs or consume:
         for i, o in enumerate(r.strategy.experimental_local_results(out)):
+          if not len(batch[i]):
+            continue
           o = o.numpy()
           traffic.from_device += o.nbytes
-          outputs[i].append(o)
+          if consume:
+            consume(i, starts[i], o)
+          else:
+            outputs[i].append(o)
+          starts[i] += len(batch[i])
     payload = sum(int(np.prod(s)) * 8 for s in shapes)
-    traffic.cross_replica += payload if r.total > 1 else 0
+    traffic.cross_replica += payload if r.total > 1 and shapes else 0
     traffic.from_device += payload
-    totals = [t.numpy() for t in dist.first_local(r.strategy, self._fns.total())]
+    totals = ([t.numpy() for t in dist.first_local(r.strategy, self._fns.total())]
+              if shapes else [])
     self.traffic = traffic
     return totals, (outputs if keep_outputs else None)

@@ -121,3 +121,16 @@ def test_samples_and_init_follow_image_ids_not_replica_layout():
   four = hierarchy.cluster(cpu_strategy(4), [x[p] for p in parts], [ids[p] for p in parts],
                            **{**kw, "fit_sample": 25})
   np.testing.assert_array_equal(four.flat_labels, one.flat_labels)
+
+
+def test_whitening_in_place_on_every_replica_equals_the_host_projection():
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12))).astype(np.float32)
+  w = pca.fit_whitening(tf.distribute.get_strategy(), [x], dim=5)
+  want = w.apply(x)
+  parts = [p.copy() for p in np.array_split(x, 4)]
+  traffic = km.replicas_lib.Traffic()
+  views = pca.whiten_in_place(cpu_strategy(4), w, parts, chunk_size=64, traffic=traffic)
+  assert all(np.shares_memory(v, p) and v.shape[1] == 5 for v, p in zip(views, parts))
+  np.testing.assert_allclose(np.concatenate(views), want, rtol=1e-5, atol=1e-5)
+  assert traffic.from_device == 500 * 5 * 4   # the whitened rows, once
