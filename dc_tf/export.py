@@ -13,9 +13,16 @@
              `trainable_variables`, `regularization_losses`; loads with
              `tf.saved_model.load` or `keras.layers.TFSMLayer(path, call_endpoint='serve',
              call_training_endpoint='train', trainable=True)`.
+  trunk.keras  the same trunk as ordinary Keras 3 layers (issue 26): `keras.saving.load_model`
+             opens it, no dc_tf code needed (the frozen Sobel front is two non-trainable
+             Conv2D and a ZeroPadding2D); the functional model's 15 named endpoints, its
+             layers freezable one by one. Same inputs as trunk/.
+  trunk.onnx   with `--onnx` (needs the optional tf2onnx, requirements-onnx.txt): the feature
+             extractor for onnxruntime and other ONNX runtimes, input `images` [B, S, S, 3]
+             normalised, the 15 endpoints as outputs (Keras 3 `model.export(format="onnx")`).
   model_card.json   config, training data, epoch, and the sha256 of each export.
 
-Usage: python -m dc_tf.export --model_dir=runs/demo --export_dir=runs/demo/export
+Usage: python -m dc_tf.export --model_dir=runs/demo --export_dir=runs/demo/export [--onnx]
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ import tensorflow as tf
 from dc_tf.config import UserError
 from dc_tf.data import preprocess
 from dc_tf.evaluation import metrics
+from dc_tf.models import vgg  # noqa: F401 - registers dc_tf's custom Keras layers (load_keras)
 
 DEFAULT_CONV_ENDPOINTS = ("conv4", "conv7", "conv10", "conv13")
 PROBE_LAYERS = ("conv2", "conv4", "conv7", "conv10", "conv13", "fc6", "fc7")  # evaluate.py's
 PROBE_MAX_DIM = 10000
+KERAS_FILE = "trunk.keras"
+ONNX_FILE = "trunk.onnx"
 
 
 class ExportError(UserError, RuntimeError):
@@ -154,10 +164,34 @@ def _dir_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    digest.update(f.read())
+  return digest.hexdigest()
+
+
+ONNX_PACKAGES = ("tf2onnx", "onnx")   # requirements-onnx.txt
+
+
+def _require_onnx_packages() -> None:
+  """Fails before anything is written when the optional ONNX packages are missing."""
+  import importlib
+  for name in ONNX_PACKAGES:
+    try:
+      importlib.import_module(name)
+    except ImportError:
+      raise ExportError(f"--onnx needs the {name} package, which is not installed: "
+                        "pip install -r requirements-onnx.txt") from None
+
+
 def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict | None = None,
            epoch: int = -1, training_data: str = "", weight_decay: float = 1e-5,
-           conv_endpoints=DEFAULT_CONV_ENDPOINTS) -> dict:
-  """Writes serving/ and trunk/ SavedModels and model_card.json; returns the card."""
+           conv_endpoints=DEFAULT_CONV_ENDPOINTS, onnx: bool = False) -> dict:
+  """Writes serving/ and trunk/ SavedModels, trunk.keras (and trunk.onnx with `onnx`) and
+  model_card.json; returns the card."""
+  if onnx:
+    _require_onnx_packages()
   serving = ServingModule(trunk, image_size, conv_endpoints)
   serving_dir = os.path.join(export_dir, "serving")
   tf.saved_model.save(serving, serving_dir, signatures={
@@ -166,6 +200,14 @@ def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict
   trunk_module = TrunkModule(trunk, image_size, weight_decay)
   trunk_dir = os.path.join(export_dir, "trunk")
   tf.saved_model.save(trunk_module, trunk_dir)
+  sha = {"serving": _dir_sha256(serving_dir), "trunk": _dir_sha256(trunk_dir)}
+  keras_path = os.path.join(export_dir, KERAS_FILE)
+  trunk.save(keras_path)
+  sha[KERAS_FILE] = _file_sha256(keras_path)
+  if onnx:
+    onnx_path = os.path.join(export_dir, ONNX_FILE)
+    trunk.export(onnx_path, format="onnx", verbose=False)
+    sha[ONNX_FILE] = _file_sha256(onnx_path)
   card = {
       "model": "DeeperCluster VGG-16-BN trunk (dc_tf)",
       "reference": "Caron et al., ICCV 2019, Unsupervised Pre-training of Image Features "
@@ -174,10 +216,12 @@ def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict
       "parameters": int(trunk.count_params()), "conv_endpoints": list(conv_endpoints),
       "probe_features": probe_layout(trunk, image_size),
       "config": config or {},
-      "sha256": {"serving": _dir_sha256(serving_dir), "trunk": _dir_sha256(trunk_dir)},
+      "sha256": sha,
       "inputs": {"serving_default": "encoded image bytes (JPEG/PNG/GIF/BMP), string[B]",
                  "features_from_pixels": "float32 RGB in 0..255, [B, H, W, 3]",
-                 "trunk": "ImageNet mean/std normalised RGB, [B, S, S, 3]"},
+                 "trunk": "ImageNet mean/std normalised RGB, [B, S, S, 3]",
+                 KERAS_FILE: "as trunk; outputs conv1..conv13 maps, fc6, fc7 (pre-ReLU)",
+                 **({ONNX_FILE: "as trunk.keras, input 'images'"} if onnx else {})},
   }
   with tf.io.gfile.GFile(os.path.join(export_dir, "model_card.json"), "w") as f:
     f.write(json.dumps(card, indent=2))
@@ -227,20 +271,49 @@ def load(path: str, verify: bool = True):
                       f"{str(e).splitlines()[0][:200]}") from e
 
 
+def load_keras(path: str, verify: bool = True) -> keras.Model:
+  """The Keras-native trunk: `path` is an export dir or its trunk.keras. Checks the model
+  card's sha256 as `load` does, then `keras.saving.load_model` in its safe mode (no pickled
+  or lambda code is run)."""
+  if tf.io.gfile.isdir(path):
+    path = os.path.join(path, KERAS_FILE)
+  if not tf.io.gfile.exists(path):
+    raise ExportError(f"Keras trunk not found: {path} (exports before issue 26 have none: "
+                      "re-export with python -m dc_tf.export)")
+  card_path = os.path.join(os.path.dirname(path), "model_card.json")
+  if verify and tf.io.gfile.exists(card_path):
+    with tf.io.gfile.GFile(card_path) as f:
+      expected = json.load(f).get("sha256", {}).get(os.path.basename(path))
+    if expected and expected != _file_sha256(path):
+      raise ExportError(f"checksum mismatch for {path}: the export was modified after it "
+                        f"was written (model card {card_path}); refusing to load")
+  try:
+    return keras.saving.load_model(path)
+  except Exception as e:  # noqa: BLE001 - any loader failure means a corrupt file
+    raise ExportError(f"cannot load Keras trunk at {path}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+
+
 def main(argv):
   del argv
   from absl import flags
   from dc_tf.training import checkpointing
   f = flags.FLAGS
+  if f.onnx:
+    _require_onnx_packages()
   trunk, config, epoch = checkpointing.load_trunk(f.model_dir)
   card = export(trunk, f.export_dir or os.path.join(f.model_dir, "export"),
                 image_size=config.model.image_size, config=config.to_dict(), epoch=epoch,
-                training_data=config.data.data_pattern, weight_decay=config.train.weight_decay)
+                training_data=config.data.data_pattern, weight_decay=config.train.weight_decay,
+                onnx=f.onnx)
   print(json.dumps(card["sha256"], indent=1))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
+  from dc_tf import cli
   flags.DEFINE_string("model_dir", None, "Training run directory (checkpoints).", required=True)
   flags.DEFINE_string("export_dir", "", "Where to write (default MODEL_DIR/export).")
-  app.run(main)
+  flags.DEFINE_bool("onnx", False, "Also write trunk.onnx (needs tf2onnx and onnx: "
+                    "pip install -r requirements-onnx.txt).")
+  cli.run(main)

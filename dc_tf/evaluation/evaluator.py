@@ -134,9 +134,19 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
              output_dir: str, layers=DEFAULT_LAYERS, twin: bool = True, seed: int = 0,
              probe_epochs: int = 60, max_train_images: int = 0, cluster_k: int = 0,
              run_dir: str = "", voc_dir: str = "", voc_fc6_8_steps: int = 0,
-             model_config: ModelConfig | None = None) -> dict:
+             voc_all_steps: int = 0, model_config: ModelConfig | None = None,
+             probe: str = "fast", original_probe=None) -> dict:
   """Scores `trained` (None: the random twin alone) and writes report.json / report.md /
-  probe_layers.png / clusters.png in `output_dir`."""
+  probe_layers.png / clusters.png in `output_dir`.
+
+  probe: 'fast' (`probes.linear_probe` on fixed centre-crop features) or 'original'
+  (`linear_original.probe`, eval_linear.py's protocol; `original_probe` its
+  `OriginalProbeConfig`). `layers` None: the protocol's (fast DEFAULT_LAYERS, original
+  conv1..conv13)."""
+  from dc_tf.evaluation import linear_original
+  if probe not in ("fast", "original"):
+    raise ValueError(f"probe must be 'fast' or 'original', not {probe!r}")
+  layers = tuple(layers or (DEFAULT_LAYERS if probe == "fast" else linear_original.LAYERS))
   tf.io.gfile.makedirs(output_dir)
   model_config = trained.model_config if trained else model_config
   subjects = {}
@@ -148,6 +158,7 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
                        "architecture to copy")
     subjects["random"] = random_twin(model_config, seed)
   report = {"train_data": train_pattern, "test_data": test_pattern, "layers": list(layers),
+            "probe_protocol": probe,
             "subjects": {k: v.source for k, v in subjects.items()}, "results": {}}
   for name, subject in subjects.items():
     train_f, strides = features(subject, train_pattern, layers, max_images=max_train_images)
@@ -156,7 +167,10 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
       raise ValueError(f"accuracy needs labels, but {train_pattern if (train_f['label'] < 0).all() else test_pattern} "
                        "has none (shards written with --drop_labels?)")
     res = {"pool_sizes": strides, "probe": {}, "knn": {}}
-    for layer in layers:
+    if probe == "original":
+      res["probe"] = linear_original.probe(subject, train_pattern, test_pattern, layers,
+                                           original_probe or linear_original.OriginalProbeConfig())
+    for layer in layers if probe == "fast" else ():
       res["probe"][layer] = probes.linear_probe(train_f[layer], train_f["label"], test_f[layer],
                                                 test_f["label"], epochs=probe_epochs, seed=seed,
                                                 train_ids=train_f["image_id"])
@@ -186,6 +200,9 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
     if voc_fc6_8_steps:
       report["voc07_fc6_8"] = {n: voc.fc6_8(s, voc_dir, steps=voc_fc6_8_steps, seed=seed)["map"]
                                for n, s in subjects.items()}
+    if voc_all_steps:
+      report["voc07_all"] = {n: voc.fc6_8(s, voc_dir, steps=voc_all_steps, seed=seed,
+                                          all_layers=True)["map"] for n, s in subjects.items()}
   write_report(report, output_dir)
   return report
 

@@ -5,9 +5,15 @@ Point either at a VOC2007 folder (JPEGImages/, Annotations/, ImageSets/Main/{tra
                  BCE ignoring 'difficult' labels, 10-crop test (4 corners + centre, mirrored).
   fc6_8          as the original's eval_voc_classif.py ran it: fc6, fc7 and a 20-way fc8
                  re-initialised (N(0, 0.01), bias 0.1) on the frozen conv trunk (BN in inference
-                 mode), dropout kept, SGD (momentum 0.9, lr 0.003 halved every 10k steps, weight
-                 decay 1e-6, gradients clipped to norm 10, batch 16, 150k steps), random resized
-                 crops and flips for training, the sum over 10 such random crops at test.
+                 mode), dropout kept, SGD (momentum 0.9, lr 0.003, gradients clipped to norm 10,
+                 batch 16, 150k steps), random resized crops and flips for training, the sum
+                 over 10 such random crops at test. Weight decay and lr step are its README's
+                 published command (`--fc6_8 true --wd 0.00001 --stepsize 20000`: 1e-5, lr
+                 halved every 20k), not the script's argparse defaults (1e-6, 10k).
+  all layers     `fc6_8(..., all_layers=True)`, the README's "ALL" command (`--fc6_8 false
+                 --wd 0.0001 --stepsize 10000`): the same, with the conv trunk trained too
+                 (BN still on its running statistics: `model.body.features.eval()`), weight
+                 decay 1e-4, lr halved every 10k; on a copy of the trunk.
 mAP is scikit-learn's average precision per class over the images that are not 'difficult'
 for it, averaged over classes."""
 
@@ -129,12 +135,35 @@ def masked_bce(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
   return tf.reduce_sum(bce * mask) / tf.cast(tf.shape(logits)[0], tf.float32)
 
 
+# (weight decay, lr halving step) of the original README's two published commands.
+PUBLISHED = {"fc6_8": (1e-5, 20_000), "all": (1e-4, 10_000)}
+
+
+def _trainable_copy(trunk):
+  """A Keras copy of the trunk's weights to fine-tune (the evaluated trunk stays as it is)."""
+  from dc_tf.models import vgg
+  model = getattr(trunk, "fn", trunk)
+  if not isinstance(model, keras.Model):
+    raise ValueError("VOC 'all layers' fine-tuning needs a Keras trunk: pass a run directory, "
+                     "or load the export's trunk.keras")
+  copy = vgg.trunk_from_config(trunk.model_config)
+  copy.set_weights(model.get_weights())
+  return copy
+
+
 def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr: float = 0.003,
-          lr_halving_steps: int = 10_000, weight_decay: float = 1e-6, momentum: float = 0.9,
-          clip_norm: float = 10.0, test_crops: int = 10, seed: int = 0,
-          train_split: str = "trainval", test_split: str = "test") -> dict:
-  """Trains fc6-fc8 on the frozen conv trunk; returns {'map': %, 'aps': [...], 'steps'}."""
+          lr_halving_steps: int | None = None, weight_decay: float | None = None,
+          momentum: float = 0.9, clip_norm: float = 10.0, test_crops: int = 10, seed: int = 0,
+          train_split: str = "trainval", test_split: str = "test",
+          all_layers: bool = False) -> dict:
+  """Trains fc6-fc8 on the frozen conv trunk (`all_layers`: the conv trunk too); weight decay
+  and halving step default to the published command's (`PUBLISHED`). Returns {'map': %,
+  'aps': [...], 'steps', 'protocol', 'weight_decay', 'lr_halving_steps', 'trained_variables'}."""
+  default_wd, default_step = PUBLISHED["all" if all_layers else "fc6_8"]
+  weight_decay = default_wd if weight_decay is None else weight_decay
+  lr_halving_steps = default_step if lr_halving_steps is None else lr_halving_steps
   size = trunk.model_config.image_size
+  conv_trunk = _trainable_copy(trunk) if all_layers else trunk
   train_bytes, train_t = _encoded_split(voc_dir, train_split)
   test_bytes, test_t = _encoded_split(voc_dir, test_split)
   n = len(train_bytes)
@@ -145,33 +174,40 @@ def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr
                             bt[1]), num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size, drop_remainder=n >= batch_size).take(steps)
         .prefetch(tf.data.AUTOTUNE))
-  probe_dim = int(_conv_features(trunk, tf.zeros([1, size, size, 3])).shape[1])
+  probe_dim = int(_conv_features(conv_trunk, tf.zeros([1, size, size, 3])).shape[1])
   head = build_fc6_8(probe_dim, trunk.model_config.fc_units, trunk.model_config.dropout,
                      seed=seed)
+  # All layers: every conv kernel, bias and BN scale/offset up to conv13 (the trunk's own fc6 /
+  # fc7 are replaced by the new head, as the original re-initialises its classifier).
+  conv_vars = [v for v in conv_trunk.trainable_variables
+               if v.path.split("/")[-2].startswith("conv")] if all_layers else []
+  variables = conv_vars + list(head.trainable_variables)
   step_var = tf.Variable(0, dtype=tf.int64)
   opt = keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
 
   @tf.function(reduce_retracing=True)
   def train_step(images, targets):
-    feats = _conv_features(trunk, images)
     with tf.GradientTape() as tape:
+      feats = _conv_features(conv_trunk, images)   # BN in inference mode in both protocols
       loss = masked_bce(head(feats, training=True), targets)
-    grads = tape.gradient(loss, head.trainable_variables)
+    grads = tape.gradient(loss, variables)
     # torch's SGD weight decay: wd * w added to every parameter's gradient.
-    grads = [g + weight_decay * v for g, v in zip(grads, head.trainable_variables)]
+    grads = [g + weight_decay * v for g, v in zip(grads, variables)]
     grads, _ = tf.clip_by_global_norm(grads, clip_norm)
     # lr halved every lr_halving_steps, as the original's step decay.
     opt.learning_rate.assign(lr * 0.5 ** tf.cast(step_var // lr_halving_steps, tf.float32))
-    opt.apply_gradients(zip(grads, head.trainable_variables))
+    opt.apply_gradients(zip(grads, variables))
     step_var.assign_add(1)
     return loss
 
+  conv_before = [v.numpy() for v in conv_vars]
   for images, targets in ds:
     train_step(images, targets)
+  conv_moved = sum(not np.array_equal(b, v.numpy()) for b, v in zip(conv_before, conv_vars))
 
   @tf.function(reduce_retracing=True)
   def scores(images):
-    return head(_conv_features(trunk, images), training=False)
+    return head(_conv_features(conv_trunk, images), training=False)
 
   total = np.zeros([len(test_bytes), len(CLASSES)], np.float64)
   for crop in range(test_crops):
@@ -181,4 +217,7 @@ def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr
                .batch(64))
     total += np.concatenate([scores(x).numpy() for x in test_ds])
   m, aps = probes.voc_map(total, test_t)
-  return {"map": m, "aps": aps, "steps": int(step_var.numpy())}
+  return {"map": m, "aps": aps, "steps": int(step_var.numpy()),
+          "protocol": "all" if all_layers else "fc6_8", "weight_decay": weight_decay,
+          "lr_halving_steps": lr_halving_steps, "final_lr": float(opt.learning_rate.numpy()),
+          "trained_variables": len(variables), "conv_variables_moved": conv_moved}

@@ -168,12 +168,15 @@ def fold_sobel(trunk: keras.Model) -> keras.Model:
   return keras.Model(inputs, outputs, name=trunk.name + "_folded")
 
 
+@keras.saving.register_keras_serializable(package="dc_tf")
 class SobelBorderCorrection(keras.layers.Layer):
-  """-conv1(s_full * ring): the frozen border term of `fold_sobel` (see its docstring)."""
+  """-conv1(s_full * ring): the frozen border term of `fold_sobel` (see its docstring).
+  Registered, so a folded trunk saved as .keras loads after `import dc_tf.models.vgg`."""
 
   def __init__(self, conv1_kernel, image_size, **kw):
     kw.setdefault("name", "conv1_border_correction")
-    super().__init__(trainable=False, **kw)
+    kw["trainable"] = False          # get_config carries trainable; from_config passes it back
+    super().__init__(**kw)
     self.conv1_kernel = np.asarray(conv1_kernel, np.float32)
     self.image_size = int(image_size)
     ring = np.ones([self.image_size + 4, self.image_size + 4, 1], np.float32)

@@ -205,3 +205,56 @@ def test_scoring_the_serving_export_reproduces_evaluate(tmp_path):
                                train_ids=train_ids)["top1"]
     theirs = report["results"]["trained"]["probe"][layer]["top1"]
     assert abs(mine - theirs) <= 0.1, (layer, mine, theirs)
+
+
+# ------------------------------------------------------- the original's protocols (issue 26)
+def test_original_linear_probe_protocol(tiny_shards, tmp_path):
+  import tensorflow as tf
+  from dc_tf.config import UserError
+  from dc_tf.evaluation import linear_original as lo
+  # eval_linear.py's decay lr0 / sqrt(1 + lr0 wd t); RegLog's windows on 224-px maps.
+  assert lo.learning_rate(0.02, 1e-5, 0) == 0.02
+  assert lo.learning_rate(0.02, 1e-5, 5e6) == pytest.approx(0.02 / np.sqrt(2.0))
+  assert [lo.pool_window(l, s) for l, s in [("conv1", (224, 224, 64)), ("conv4", (112, 112, 128)),
+                                            ("conv8", (28, 28, 512)), ("conv13", (14, 14, 512))]] \
+      == [18, 14, 6, 3]
+  assert lo.pool_window("conv1", (32, 32, 8)) == metrics.pool_stride(32, 32, 8)
+  # Crops and flips drawn on the fly: the same images (no shuffle) in two epochs differ.
+  cfg = lo.OriginalProbeConfig(epochs=2, batch_size=48, shuffle_buffer=1)
+  (a, ya), (b, yb) = list(lo.train_dataset(tiny_shards, 32, cfg))
+  assert a.shape == (48, 32, 32, 3) and np.array_equal(ya, yb)
+  assert float(tf.reduce_max(tf.abs(a - b))) > 0.5
+  twin = evaluator.random_twin(evaluator.ModelConfig(image_size=32, width=0.125, fc_dim=16))
+  with pytest.raises(UserError, match="conv1..conv13"):
+    lo.probe(twin, tiny_shards, tiny_shards, layers=("fc7",))
+  cfg = lo.OriginalProbeConfig(epochs=1, batch_size=16)
+  res = lo.probe(twin, tiny_shards, tiny_shards, layers=("conv1", "conv13"), cfg=cfg)
+  assert res["conv1"]["steps"] == 3 and res["conv1"]["lr0"] == 0.005 and res["conv13"]["lr0"] == 0.02
+  assert res["conv13"]["final_lr"] == pytest.approx(lo.learning_rate(0.02, 1e-5, 2))
+  assert res["conv1"]["momentum"] == 0.9 and res["conv1"]["weight_decay"] == 1e-5
+  for r in res.values():
+    assert 0 <= r["top1"] <= r["top5"] <= 100 and np.isfinite(r["train_loss"])
+  # Through evaluate(): the option replaces the fast probe and is recorded in the report.
+  report = evaluator.evaluate(twin, train_pattern=tiny_shards, test_pattern=tiny_shards,
+                              output_dir=str(tmp_path / "eval"), layers=None, twin=False,
+                              probe="original", original_probe=cfg)
+  assert report["probe_protocol"] == "original" and report["layers"] == list(lo.LAYERS)
+  probe = report["results"]["trained"]["probe"]
+  assert all(probe[l]["protocol"] == "original" and np.isfinite(probe[l]["top1"])
+             for l in lo.LAYERS)
+
+
+def test_voc_published_defaults_and_all_layers_fine_tuning(tmp_path):
+  _synthetic_voc(str(tmp_path))
+  twin = evaluator.random_twin(evaluator.ModelConfig(image_size=32, width=0.125, fc_dim=16))
+  weights = [w.copy() for w in twin.fn.get_weights()]
+  frozen = voc.fc6_8(twin, str(tmp_path), steps=3, test_crops=1)
+  assert (frozen["weight_decay"], frozen["lr_halving_steps"]) == (1e-5, 20_000)
+  assert frozen["protocol"] == "fc6_8" and frozen["trained_variables"] == 6
+  assert frozen["conv_variables_moved"] == 0
+  full = voc.fc6_8(twin, str(tmp_path), steps=3, test_crops=1, all_layers=True)
+  assert (full["weight_decay"], full["lr_halving_steps"]) == (1e-4, 10_000)
+  # conv1..conv13 (kernel, bias, BN gamma, beta) are trained, on a copy of the trunk.
+  assert full["trained_variables"] == 13 * 4 + 6 and full["conv_variables_moved"] >= 13 * 3
+  assert np.isfinite(full["map"]) and 0 <= full["map"] <= 100
+  assert all(np.array_equal(a, b) for a, b in zip(weights, twin.fn.get_weights()))  # a copy

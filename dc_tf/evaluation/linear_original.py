@@ -1,0 +1,174 @@
+"""The linear probe of facebookresearch/DeeperCluster's `eval_linear.py`, next to the fast
+`probes.linear_probe` (`evaluate.py --probe=original`; issue 26, item 5).
+
+What the original runs, one job per layer (`linear_classif_layers.sh`, `conv13.sh`):
+  - the frozen trunk in inference mode (BN running statistics), its conv<i> map after ReLU;
+  - `RegLog`: an average pool of window 18 / 14 / 9 / 6 / 3 (conv1-2 / 3-4 / 5-7 / 8-10 /
+    11-13 on 224-px maps, about 9k or 8k values), then one linear layer, PyTorch's default
+    init (U(+-1/sqrt(fan_in)) for weight and bias); no feature standardisation;
+  - SGD, momentum 0.9, weight decay 1e-5 on weight and bias (PyTorch's: wd * w added to the
+    gradient), batch 256, 100 epochs, cross-entropy;
+  - the learning rate per layer of the scripts (ImageNet or Places205 table below), decayed at
+    every iteration t as lr0 / sqrt(1 + lr0 * wd * t) (Bottou, "SGD tricks", 2012);
+  - training crops drawn on the fly: RandomResizedCrop(224) (scale 0.08-1, ratio 3/4-4/3) and
+    a horizontal flip; the test: resize to 256, centre crop 224 (our `eval_transform`);
+  - top-1 / top-5 on the validation set after the last epoch.
+Here the layers share each batch's crops and one trunk pass (each classifier still has its own
+learning rate, momentum and decay: they are independent, so this equals separate jobs up to
+which random crops are drawn). Maps of other sizes than the original's (images under 224 px)
+are pooled with `metrics.pool_stride` (under 10k values), the fast probe's rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from dc_tf.config import UserError
+from dc_tf.data import decoder, preprocess, reader
+from dc_tf.evaluation import metrics
+
+LAYERS = tuple(f"conv{i}" for i in range(1, 14))
+# --lr per conv layer in linear_classif_layers.sh (every job: --wd 0.00001 --batch_size 256
+# --nepochs 100).
+LR_TABLES = {
+    "imagenet": (0.005, 0.01, 0.03, 0.03, 0.03, 0.03, 0.02, 0.03, 0.03, 0.03, 0.02, 0.02, 0.02),
+    "places205": (0.003, 0.005, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.03, 0.01, 0.01, 0.02),
+}
+WINDOWS = (18, 18, 14, 14, 9, 9, 9, 6, 6, 6, 3, 3, 3)       # RegLog's AvgPool2d, 224-px maps
+POOLS_BEFORE = (0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4)     # max-pools before conv<i>
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalProbeConfig:
+  epochs: int = 100
+  batch_size: int = 256
+  weight_decay: float = 1e-5
+  momentum: float = 0.9
+  lr_table: str = "imagenet"
+  shuffle_buffer: int = 10_000
+  seed: int = 0
+
+
+def learning_rate(lr0: float, weight_decay: float, t) -> float:
+  """eval_linear.py's `learning_rate_decay` at iteration t."""
+  return lr0 / np.sqrt(1.0 + lr0 * weight_decay * t)
+
+
+def pool_window(layer: str, shape) -> int:
+  """RegLog's window where the map has the original's size, else the fast probe's rule."""
+  i = LAYERS.index(layer)
+  h, w, c = (int(d) for d in shape)
+  if h == 224 >> POOLS_BEFORE[i] and w == h:
+    return WINDOWS[i]
+  return metrics.pool_stride(h, w, c)
+
+
+def _pool(x: tf.Tensor, s: int) -> tf.Tensor:
+  h, w, c = (int(d) for d in x.shape[1:])
+  hh, ww = h // s, w // s                     # AvgPool2d(s, stride=s, padding=0) floors
+  pooled = tf.nn.avg_pool2d(tf.cast(x[:, :hh * s, :ww * s, :], tf.float32), s, s, "VALID")
+  return tf.reshape(pooled, [-1, hh * ww * c])
+
+
+def _examples(pattern: str) -> tf.data.Dataset:
+  files = reader.list_shards(pattern)
+  ds = tf.data.TFRecordDataset(files).map(lambda r: decoder.parse_record(r, tf.constant("")))
+  return ds.filter(lambda ex: tf.equal(ex["status"], decoder.OK) & (ex["label"] >= 0))
+
+
+def train_dataset(pattern: str, image_size: int, cfg: OriginalProbeConfig) -> tf.data.Dataset:
+  """(normalised crops, labels) batches: a new random resized crop and flip of each image at
+  every draw, reshuffled every epoch, `cfg.epochs` epochs."""
+  ds = (_examples(pattern).map(lambda ex: (ex["encoded"], ex["label"]))
+        .shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+        .repeat(cfg.epochs).enumerate())
+
+  def crop(i, pair):
+    seed = tf.stack([tf.constant(cfg.seed, tf.int64), i])
+    image = preprocess.train_transform_encoded(pair[0], image_size, seed)
+    return preprocess.normalize(image), pair[1]
+  return (ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE).batch(cfg.batch_size)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def _test_dataset(pattern: str, image_size: int, batch_size: int) -> tf.data.Dataset:
+  def center(ex):
+    image = decoder.decode_rgb(ex["encoded"])
+    return preprocess.eval_transform(image, image_size), ex["label"]
+  return _examples(pattern).map(center, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+
+
+def probe(trunk, train_pattern: str, test_pattern: str, layers=LAYERS,
+          cfg: OriginalProbeConfig = OriginalProbeConfig()) -> dict:
+  """{layer: {'top1', 'top5', 'lr0', 'final_lr', 'steps', 'pool_window', 'dims', ...}}."""
+  bad = [l for l in layers if l not in LAYERS]
+  if bad:
+    raise UserError(f"--probe=original probes conv1..conv13 (eval_linear.py's --conv); "
+                    f"not {', '.join(bad)}")
+  if cfg.lr_table not in LR_TABLES:
+    raise UserError(f"unknown learning-rate table {cfg.lr_table!r}: {sorted(LR_TABLES)}")
+  size = trunk.model_config.image_size
+  labels = np.concatenate([y.numpy() for _, y in _examples(train_pattern).map(
+      lambda ex: (ex["encoded"], ex["label"])).batch(4096)] or [np.zeros([0], np.int64)])
+  if not len(labels):
+    raise UserError(f"--probe=original needs labelled images; {train_pattern} has none")
+  num_classes = int(labels.max()) + 1
+  shapes = trunk(tf.zeros([1, size, size, 3]), training=False)
+  windows = {l: pool_window(l, shapes[l].shape[1:]) for l in layers}
+  rng = np.random.default_rng(cfg.seed)
+  heads, lr0 = {}, {}
+  for l in layers:
+    dim = int(_pool(shapes[l], windows[l]).shape[1])
+    bound = 1.0 / math.sqrt(dim)              # torch.nn.Linear's default initialisation
+    heads[l] = [tf.Variable(rng.uniform(-bound, bound, [dim, num_classes]).astype(np.float32)),
+                tf.Variable(rng.uniform(-bound, bound, [num_classes]).astype(np.float32))]
+    lr0[l] = LR_TABLES[cfg.lr_table][LAYERS.index(l)]
+  momenta = {l: [tf.Variable(tf.zeros_like(v)) for v in heads[l]] for l in layers}
+  t = tf.Variable(0, dtype=tf.int64)
+
+  @tf.function(reduce_retracing=True)
+  def step(images, y):
+    feats = trunk(images, training=False)
+    losses = {}
+    for l in layers:
+      x = tf.stop_gradient(_pool(feats[l], windows[l]))
+      with tf.GradientTape() as tape:
+        logits = tf.matmul(x, heads[l][0]) + heads[l][1]
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+      lr = lr0[l] / tf.sqrt(1.0 + lr0[l] * cfg.weight_decay * tf.cast(t, tf.float32))
+      for v, g, buf in zip(heads[l], tape.gradient(loss, heads[l]), momenta[l]):
+        g = g + cfg.weight_decay * v          # torch SGD: weight decay in the gradient, then
+        buf.assign(cfg.momentum * buf + g)    # buf = m * buf + g; w -= lr * buf
+        v.assign_sub(lr * buf)
+      losses[l] = loss
+    t.assign_add(1)
+    return losses
+
+  last = {}
+  for images, y in train_dataset(train_pattern, size, cfg):
+    last = step(images, y)
+  steps = int(t.numpy())
+  correct1 = {l: 0 for l in layers}
+  correct5 = {l: 0 for l in layers}
+  n = 0
+  for images, y in _test_dataset(test_pattern, size, cfg.batch_size):
+    feats = trunk(images, training=False)
+    y = y.numpy()
+    n += len(y)
+    for l in layers:
+      logits = _pool(feats[l], windows[l]).numpy() @ heads[l][0].numpy() + heads[l][1].numpy()
+      top5 = np.argsort(-logits, axis=1)[:, :5]
+      correct1[l] += int(np.sum(top5[:, 0] == y))
+      correct5[l] += int(np.sum((top5 == y[:, None]).any(axis=1)))
+  return {l: {"top1": 100.0 * correct1[l] / max(n, 1), "top5": 100.0 * correct5[l] / max(n, 1),
+              "protocol": "original", "lr0": lr0[l],
+              "final_lr": float(learning_rate(lr0[l], cfg.weight_decay, max(steps - 1, 0))),
+              "weight_decay": cfg.weight_decay, "momentum": cfg.momentum, "steps": steps,
+              "epochs": cfg.epochs, "batch_size": cfg.batch_size, "pool_window": windows[l],
+              "dims": int(heads[l][0].shape[0]),
+              "train_loss": float(last[l]) if l in last else float("nan")}
+          for l in layers}
