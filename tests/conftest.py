@@ -104,3 +104,40 @@ def example():
     data = jpeg_bytes(image_id) if data is None else data
     return schema.make_example(data, fmt, 40, 48, image_id, label=label, **kw)
   return make
+
+
+def write_photos(root, n=12, seed=0):
+  """A folder of JPEGs a newcomer might bring (issue 27): n good ones of three colours in two
+  sub-folders, two byte-identical copies, and bad files: not an image, a truncated JPEG, an
+  empty file. Returns the root."""
+  import shutil
+  colors = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
+  for i in range(n):
+    d = os.path.join(root, "trip" if i % 2 else "home")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"img{i:02d}.jpg"), "wb") as f:
+      f.write(jpeg_bytes(seed * 100 + i, size=(40 + i, 48), label_color=colors[i % 3]))
+  shutil.copy(os.path.join(root, "home", "img00.jpg"), os.path.join(root, "copy_of_00.jpg"))
+  shutil.copy(os.path.join(root, "trip", "img01.jpg"), os.path.join(root, "trip", "zz_copy.jpg"))
+  with open(os.path.join(root, "notes.jpg"), "wb") as f:
+    f.write(b"this is not an image at all")
+  good = jpeg_bytes(999, size=(40, 40))
+  with open(os.path.join(root, "cut.jpg"), "wb") as f:
+    f.write(good[:len(good) // 2])
+  open(os.path.join(root, "empty.jpg"), "wb").close()
+  return root
+
+
+@pytest.fixture
+def photos(tmp_path):
+  return write_photos(str(tmp_path / "photos"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+  """A serving export of a random width-1/8, 32 px trunk."""
+  from dc_tf import export
+  from dc_tf.models import vgg
+  d = str(tmp_path_factory.mktemp("embed_export"))
+  export.export(vgg.build_trunk(32, 0.125, 32), d, image_size=32)
+  return d

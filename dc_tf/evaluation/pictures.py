@@ -1,5 +1,6 @@
 """Cluster pictures (the paper's Figure 5): images from the largest, purest and random
-clusters, each row titled with its dominant label and purity."""
+clusters, each row titled with its dominant label and purity. `thumbnail`, `tile` and
+`write_png` make the grids of dc_tf.embed's clusters page (issue 27)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,34 @@ def cluster_grid(pattern: str, image_size: int, ids: np.ndarray, assign: np.ndar
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return chosen
+
+
+def thumbnail(data: bytes, size: int = 64) -> np.ndarray:
+  """uint8 [size, size, 3]: the image scaled to fit, centred on grey (the clusters page's
+  grids hold thumbnails, never full images: issue 27)."""
+  import tensorflow as tf
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  small = tf.image.resize(image, [size, size], preserve_aspect_ratio=True, antialias=True)
+  small = np.asarray(tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8))
+  out = np.full((size, size, 3), 128, np.uint8)
+  top, left = (size - small.shape[0]) // 2, (size - small.shape[1]) // 2
+  out[top:top + small.shape[0], left:left + small.shape[1]] = small
+  return out
+
+
+def tile(thumbs: list[np.ndarray], per_row: int = 8, gap: int = 2) -> np.ndarray:
+  """Thumbnails side by side, `per_row` a row, on white; uint8 [H, W, 3]."""
+  size = thumbs[0].shape[0]
+  rows = -(-len(thumbs) // per_row)
+  cols = min(per_row, len(thumbs))
+  out = np.full((rows * (size + gap) - gap, cols * (size + gap) - gap, 3), 255, np.uint8)
+  for i, t in enumerate(thumbs):
+    r, c = divmod(i, per_row)
+    out[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = t
+  return out
+
+
+def write_png(image: np.ndarray, path: str) -> None:
+  import tensorflow as tf
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(tf.io.encode_png(image).numpy())

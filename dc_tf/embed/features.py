@@ -1,0 +1,255 @@
+"""Features of every row, through the serving SavedModel, in `.npy` shards plus a CSV index.
+
+Output folder (readable with numpy and pandas alone, no dc_tf):
+
+  embed.json                   the manifest: layers and their dims, shards, rows, drop counts
+                               by reason, the model and its sha256, the input options
+  index.csv                    one line per row, in row order: row, shard, image_id, key, path,
+                               sha1, format, height, width, label, label_text, user_id, tags,
+                               url, record_file, record_index (TFRecord input: where it is)
+  <layer>-<shard:05d>.npy      float32 [rows of the shard, dims], one file per layer and shard
+  shard-<shard:05d>.json       written last: the shard is finished. It records the model's
+                               sha256, the layers, the input options and a digest of its rows
+
+    import glob, numpy as np, pandas as pd
+    index = pd.read_csv("out/index.csv")
+    fc7 = np.concatenate([np.load(f, mmap_mode="r") for f in sorted(glob.glob("out/probe_fc7-*.npy"))])
+
+.npy rather than Parquet: no new dependency, and a vector index (faiss, ScaNN) memory-maps the
+shards as they are. Resuming: a shard whose `shard-*.json` exists is kept when it matches this
+run, and the run stops naming the difference when it does not (`check_finished`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from dc_tf import export
+from dc_tf.config import UserError
+from dc_tf.embed import inputs
+
+MANIFEST = "embed.json"
+INDEX = "index.csv"
+EXPORT_SUBDIR = "export"   # where a run dir's model is exported once, inside --output
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOptions:
+  input: str
+  model: str
+  output: str
+  layers: tuple[str, ...] = ()     # () = every probe_<layer> output of the export
+  shard_size: int = 1024
+  batch_size: int = 32
+  dedupe: bool = True
+  input_format: str = "auto"       # inputs.INPUT_FORMATS
+
+  def validate(self) -> "EmbedOptions":
+    if self.shard_size < 1 or self.batch_size < 1:
+      raise UserError("--shard_size and --batch_size must be >= 1")
+    return self
+
+  def input_options(self) -> dict:
+    """What decides the rows: a finished shard is kept only when these are unchanged."""
+    return {"input": os.path.abspath(self.input), "input_format": self.input_format,
+            "dedupe": self.dedupe, "shard_size": self.shard_size}
+
+
+def serving_dir(model: str, output: str) -> str:
+  """The serving SavedModel of `model`: an export dir, its serving/, or a run dir (exported
+  once into OUTPUT/export, as `python -m dc_tf.export` would)."""
+  for d in (os.path.join(model, "serving"), model):
+    if os.path.exists(os.path.join(d, "saved_model.pb")):
+      return d
+  if os.path.exists(os.path.join(model, "config.json")):
+    from dc_tf.training import checkpointing
+    target = os.path.join(output, EXPORT_SUBDIR)
+    prefix = checkpointing.latest_checkpoint(model)
+    source = {"run_dir": os.path.abspath(model), "checkpoint": os.path.basename(prefix),
+              "index_sha256": export._file_sha256(prefix + ".index")}  # noqa: SLF001
+    source_path = os.path.join(target, "exported_from.json")
+    if os.path.exists(source_path):
+      with open(source_path) as f:
+        have = json.load(f)
+      if have != source:   # a newer checkpoint must not be embedded with the old export
+        raise UserError(f"{target} was exported from {have}, --model is now {source}: use "
+                        "another --output")
+    else:
+      trunk, config, epoch = checkpointing.load_trunk(model)
+      export.export(trunk, target, image_size=config.model.image_size,
+                    config=config.to_dict(), epoch=epoch,
+                    training_data=config.data.data_pattern)
+      with open(source_path, "w") as f:
+        json.dump(source, f)
+    return os.path.join(target, "serving")
+  raise UserError(f"--model is neither an export (serving/saved_model.pb) nor a run dir "
+                  f"(config.json): {model}")
+
+
+class Model:
+  """The export's `serving_default` (JPEG bytes -> features), as the export serves it."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.sha256 = export._dir_sha256(path)  # noqa: SLF001 - the card's own checksum
+    self._fn = export.load(path).signatures["serving_default"]
+    self.outputs = sorted(self._fn.structured_outputs)
+
+  def layers(self, wanted) -> tuple[str, ...]:
+    wanted = tuple(wanted) or tuple(f"probe_{n}" for n in export.PROBE_LAYERS
+                                    if f"probe_{n}" in self.outputs)
+    unknown = [w for w in wanted if w not in self.outputs]
+    if unknown:
+      raise UserError(f"--layers {unknown} not returned by the export; it has "
+                      f"{', '.join(self.outputs)}")
+    return wanted
+
+  def __call__(self, images: list[bytes], layers) -> dict[str, np.ndarray]:
+    out = self._fn(image_bytes=tf.constant(images, tf.string))
+    return {name: out[name].numpy().astype(np.float32) for name in layers}
+
+
+def shard_rows(rows: list, shard_size: int) -> list[list]:
+  return [rows[i:i + shard_size] for i in range(0, len(rows), shard_size)]
+
+
+def rows_digest(rows) -> str:
+  h = hashlib.sha1()
+  for r in rows:
+    h.update(f"{r.image_id}\t{r.sha1}\t{r.path}\n".encode())
+  return h.hexdigest()
+
+
+def shard_meta(index: int, rows, model_sha256: str, layers, opts: EmbedOptions) -> dict:
+  return {"shard": index, "model_sha256": model_sha256, "layers": list(layers),
+          "input_options": opts.input_options(), "rows": len(rows),
+          "rows_digest": rows_digest(rows)}
+
+
+def meta_path(output: str, index: int) -> str:
+  return os.path.join(output, f"shard-{index:05d}.json")
+
+
+def check_finished(output: str, index: int, want: dict) -> bool:
+  """True when shard `index` is finished and matches `want`; False when it is not finished;
+  a UserError naming the first difference when it was finished by another run."""
+  path = meta_path(output, index)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    have = json.load(f)
+  names = {"model_sha256": "model sha256", "layers": "layers",
+           "input_options": "input options", "rows": "rows", "rows_digest": "rows (the input changed)"}
+  for key, name in names.items():
+    if have.get(key) != want[key]:
+      raise UserError(f"{path} was written with {name} {have.get(key)!r}, this run has "
+                      f"{want[key]!r}: use another --output, or delete that folder's shards")
+  return True
+
+
+def write_shard(output: str, index: int, feats: dict[str, np.ndarray], meta: dict) -> None:
+  """Each layer's array to a temporary name, renamed; the shard json last (finished)."""
+  for name, array in feats.items():
+    final = os.path.join(output, f"{name}-{index:05d}.npy")
+    tmp = f"{final}.tmp-{os.getpid()}.npy"
+    np.save(tmp, np.ascontiguousarray(array, np.float32))
+    os.replace(tmp, final)
+  tmp = f"{meta_path(output, index)}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, meta_path(output, index))
+
+
+def embed_rows(model: Model, rows, layers, batch_size: int, progress=None) -> dict:
+  out = {name: [] for name in layers}
+  for i in range(0, len(rows), batch_size):
+    batch = rows[i:i + batch_size]
+    for name, array in model([inputs.read_bytes(r) for r in batch], layers).items():
+      out[name].append(array)
+    if progress is not None:
+      progress.update(len(batch))
+  return {name: np.concatenate(a) for name, a in out.items()}
+
+
+def write_index(output: str, shards) -> None:
+  tmp = os.path.join(output, f"{INDEX}.tmp-{os.getpid()}")
+  with open(tmp, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(("row", "shard") + inputs.INDEX_COLUMNS)
+    row = 0
+    for s, rows in enumerate(shards):
+      for r in rows:
+        w.writerow((row, s) + tuple(getattr(r, c) for c in inputs.INDEX_COLUMNS))
+        row += 1
+  os.replace(tmp, os.path.join(output, INDEX))
+
+
+def write_manifest(output: str, opts: EmbedOptions, model: Model, layers, dims: dict,
+                   shards, dropped: dict, images_in: int, resumed: int, runner: str,
+                   seconds: float) -> dict:
+  rows = sum(len(s) for s in shards)
+  manifest = {
+      "format": "npy shards <layer>-<shard>.npy (float32 [rows, dims]) + index.csv",
+      "model": model.path, "model_sha256": model.sha256, "layers": list(layers),
+      "dims": dims, "images_in": images_in, "rows": rows, "dropped": dropped,
+      "dropped_total": sum(dropped.values()),
+      "shards": [{"shard": i, "rows": len(s)} for i, s in enumerate(shards)],
+      "resumed_shards": resumed, "options": opts.input_options(), "runner": runner,
+      "seconds": round(seconds, 3), "images_per_s": round(rows / max(seconds, 1e-9), 2)}
+  with open(os.path.join(output, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1)
+  return manifest
+
+
+def prepare(opts: EmbedOptions):
+  """(model, layers, shards of rows, dropped, images in, finished shard indices, metas)."""
+  opts.validate()
+  os.makedirs(opts.output, exist_ok=True)
+  model = Model(serving_dir(opts.model, opts.output))
+  layers = model.layers(opts.layers)
+  rows, dropped, images_in = inputs.plan(opts.input, opts.dedupe, opts.input_format)
+  if not rows:
+    raise UserError(f"no images to embed in --input={opts.input}: dropped "
+                    f"{dropped or 'nothing (no images found)'}")
+  shards = shard_rows(rows, opts.shard_size)
+  metas = [shard_meta(i, s, model.sha256, layers, opts) for i, s in enumerate(shards)]
+  finished = {i for i, m in enumerate(metas) if check_finished(opts.output, i, m)}
+  extra = sorted(glob.glob(os.path.join(opts.output, "shard-*.json")))[len(shards):]
+  if extra:   # the input shrank: a reader globbing the shards would read stale rows
+    raise UserError(f"{extra[0]} is beyond this run's {len(shards)} shards (the input has "
+                    "fewer rows than when it was written): use another --output, or delete "
+                    "that folder's shards")
+  if dropped:
+    logging.warning("skipped %d of %d files: %s", sum(dropped.values()), images_in, dropped)
+  return model, layers, shards, dropped, images_in, finished, metas
+
+
+def dims_of(output: str, layers) -> dict:
+  return {name: int(np.load(os.path.join(output, f"{name}-00000.npy"), mmap_mode="r").shape[1])
+          for name in layers}
+
+
+def run(opts: EmbedOptions) -> dict:
+  """The one-box path: every unfinished shard, in order, with a tqdm bar in images/s."""
+  from tqdm import tqdm
+  start = time.perf_counter()
+  model, layers, shards, dropped, images_in, finished, metas = prepare(opts)
+  todo = [i for i in range(len(shards)) if i not in finished]
+  with tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="embed") as bar:
+    for i in todo:
+      write_shard(opts.output, i, embed_rows(model, shards[i], layers, opts.batch_size, bar),
+                  metas[i])
+  write_index(opts.output, shards)
+  return write_manifest(opts.output, opts, model, layers, dims_of(opts.output, layers), shards,
+                        dropped, images_in, len(finished), "one-box",
+                        time.perf_counter() - start)

@@ -1,0 +1,167 @@
+"""python -m dc_tf.embed on a folder: rows, drop reasons, numbers equal to the export's,
+deterministic order, resume and its refusals, list and TFRecord inputs."""
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from dc_tf import export
+from dc_tf.config import UserError
+from dc_tf.data import make_shards
+from dc_tf.embed import features, inputs
+
+
+def embed(photos, model, out, **kw):
+  return features.run(features.EmbedOptions(input=photos, model=model, output=out, **kw))
+
+
+def load(out, layer):
+  return np.concatenate([np.load(f) for f in sorted(glob.glob(os.path.join(out, f"{layer}-*.npy")))])
+
+
+def index(out):
+  with open(os.path.join(out, "index.csv")) as f:
+    return list(csv.DictReader(f))
+
+
+def test_plan_drops_bad_files_and_duplicates_with_make_shards_reasons(photos):
+  rows, dropped, seen = inputs.plan(photos)
+  assert seen == 17
+  assert dropped == {"duplicate": 2, "not an image": 1, "truncated jpeg": 1, "zero bytes": 1}
+  assert len(rows) == 12 and [r.key for r in rows] == sorted(r.key for r in rows)
+  assert {r.label_text for r in rows} == {"home", "trip"}
+  # the duplicate kept is the smallest id of its copies, as make_shards keeps
+  ids = {r.sha1: r.image_id for r in rows}
+  assert len(ids) == 12
+  rows_all, dropped_all, _ = inputs.plan(photos, dedupe=False)
+  assert len(rows_all) == 14 and "duplicate" not in dropped_all
+
+
+@pytest.mark.slow
+def test_embed_folder_equals_the_serving_export_and_resumes(photos, tiny_export, tmp_path):
+  out = str(tmp_path / "out")
+  m = embed(photos, tiny_export, out, shard_size=5, batch_size=4)
+  assert m["rows"] == 12 and m["dropped_total"] == 5 and len(m["shards"]) == 3
+  assert m["layers"] == [f"probe_{n}" for n in export.PROBE_LAYERS]
+  rows = index(out)
+  assert [int(r["row"]) for r in rows] == list(range(12))
+  # the same numbers as the serving signature on the same bytes, one image at a time
+  fn = export.load(tiny_export).signatures["serving_default"]
+  fc7 = load(out, "probe_fc7")
+  for r, got in zip(rows, fc7):
+    with open(r["path"], "rb") as f:
+      want = fn(image_bytes=tf.constant([f.read()]))["probe_fc7"].numpy()[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert load(out, "probe_conv2").shape[0] == 12
+  # a rerun keeps every finished shard, and writes the same bytes (at the same batch size:
+  # another changes the last bits, oneDNN's kernels differ by batch)
+  before = {f: open(f, "rb").read() for f in glob.glob(os.path.join(out, "*.npy"))}
+  os.remove(os.path.join(out, "shard-00001.json"))   # an interrupted shard is redone
+  m2 = embed(photos, tiny_export, out, shard_size=5, batch_size=4)
+  assert m2["resumed_shards"] == 2
+  assert before == {f: open(f, "rb").read() for f in glob.glob(os.path.join(out, "*.npy"))}
+  # a finished shard of another run is refused, the difference named
+  with pytest.raises(UserError, match="layers"):
+    embed(photos, tiny_export, out, shard_size=5, layers=("fc7",))
+  with pytest.raises(UserError, match="input options"):
+    embed(photos, tiny_export, out, shard_size=4)
+  # the input shrank by the last shard's rows: the stale shard is named, not left for a glob
+  last = {r.sha1 for r in inputs.plan(photos)[0][-2:]}
+  for f in glob.glob(f"{photos}/**/*.jpg", recursive=True):
+    if hashlib.sha1(open(f, "rb").read()).hexdigest() in last:
+      os.remove(f)
+  with pytest.raises(UserError, match="shard-00002.json is beyond this run's 2 shards"):
+    embed(photos, tiny_export, out, shard_size=5)
+  os.makedirs(os.path.join(photos, "new"))
+  with open(os.path.join(photos, "new", "a.jpg"), "wb") as f:
+    f.write(tf.io.encode_jpeg(np.full((30, 30, 3), 7, np.uint8)).numpy())
+  with pytest.raises(UserError, match="rows"):
+    embed(photos, tiny_export, out, shard_size=5)
+
+
+@pytest.mark.slow
+def test_list_and_tfrecord_inputs_give_the_folders_features(photos, tiny_export, tmp_path):
+  ref_out = str(tmp_path / "ref")
+  embed(photos, tiny_export, ref_out, layers=("fc7",))
+  ref = {r["sha1"]: v for r, v in zip(index(ref_out), load(ref_out, "fc7"))}
+  listing = tmp_path / "list.txt"
+  listing.write_text("".join(f"{p}\n" for p in sorted(glob.glob(f"{photos}/**/*.jpg",
+                                                               recursive=True))))
+  list_out = str(tmp_path / "list_out")
+  m = embed(str(listing), tiny_export, list_out, layers=("fc7",))
+  assert m["rows"] == 12 and m["dropped"]["duplicate"] == 2
+  # YFCC100M's image list: photo_id<TAB>path, the photo id is the image id
+  yfcc = tmp_path / "yfcc_list.txt"
+  yfcc.write_text("".join(f"{1000 + i}\t{p}\n" for i, p in enumerate(
+      sorted(glob.glob(f"{photos}/**/*.jpg", recursive=True)))) + "not a line\n")
+  yfcc_out = str(tmp_path / "yfcc_out")
+  m = embed(str(yfcc), tiny_export, yfcc_out, layers=("fc7",), input_format="yfcc_list")
+  assert m["rows"] == 12 and m["dropped"]["bad image list line"] == 1
+  assert all(1000 <= int(r["image_id"]) < 1017 for r in index(yfcc_out))
+  shards = tmp_path / "shards"
+  make_shards.write_shards("folder", photos, str(shards), "p", 2, seed=0)
+  rec_out = str(tmp_path / "rec_out")
+  m = embed(str(shards / "p-*.tfrecord"), tiny_export, rec_out, layers=("fc7",))
+  assert m["rows"] == 12 and m["dropped_total"] == 0
+  for out in (list_out, yfcc_out, rec_out):
+    for r, v in zip(index(out), load(out, "fc7")):
+      np.testing.assert_allclose(v, ref[r["sha1"]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_command_line_and_its_errors(photos, tiny_export, tmp_path):
+  out = str(tmp_path / "cli")
+  run = lambda *a: subprocess.run([sys.executable, "-m", "dc_tf.embed", *a], cwd=REPO,  # noqa: E731
+                                  capture_output=True, text=True, timeout=300)
+  r = run(f"--input={photos}", f"--model={tiny_export}", f"--output={out}", "--layers=fc7",
+          "--clusters=2", "--super=2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  summary, page = r.stdout.rsplit("}", 1)
+  assert json.loads(summary + "}")["rows"] == 12 and "img/s" in r.stderr
+  assert page.strip() == f"clusters page: {out}/clusters/index.html"
+  with open(f"{out}/clusters/assignments.csv") as f:
+    assert {line.split(",")[3] for line in list(f)[1:]} == {"0", "1"}   # two super-clusters
+  r = run(f"--input={photos}", f"--model={tiny_export}", f"--output={out}", "--layers=nope")
+  assert r.returncode == 2 and "error: --layers ['nope'] not returned" in r.stderr
+  with pytest.raises(UserError, match="--input not found"):
+    embed(f"{tmp_path}/none", tiny_export, out)
+  with pytest.raises(UserError, match="neither an export"):
+    embed(photos, str(tmp_path), out)
+
+
+@pytest.mark.slow
+def test_a_run_dir_is_exported_once_into_the_output(photos, tmp_path):
+  from dc_tf.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+  from dc_tf.data import preprocess
+  from dc_tf.models import vgg
+  from dc_tf.training import checkpointing
+  run_dir = str(tmp_path / "run")
+  config = ExperimentConfig(data=DataConfig(image_size=32, data_pattern=""),
+                            model=ModelConfig(image_size=32, width=0.125, fc_dim=32),
+                            train=TrainConfig(model_dir=run_dir)).validate()
+  trunk = vgg.trunk_from_config(config.model)
+  checkpointing.write_config(run_dir, config)
+  tf.train.Checkpoint(trunk=trunk, step=tf.Variable(7, dtype=tf.int64)).save(
+      os.path.join(run_dir, "ckpt", "ckpt"))
+  out = str(tmp_path / "out")
+  m = embed(photos, run_dir, out, layers=("fc7",))
+  assert m["model"] == os.path.join(out, "export", "serving")
+  rows = index(out)
+  with open(rows[0]["path"], "rb") as f:
+    image = preprocess.eval_transform(tf.io.decode_jpeg(f.read(), channels=3), 32)
+  want = trunk(image[None], training=False)["fc7"].numpy()[0]
+  np.testing.assert_allclose(load(out, "fc7")[0], want, atol=1e-5, rtol=0)
+  # a newer checkpoint of the run is not embedded with the old export
+  tf.train.Checkpoint(trunk=trunk, step=tf.Variable(8, dtype=tf.int64)).save(
+      os.path.join(run_dir, "ckpt", "ckpt"))
+  with pytest.raises(UserError, match="was exported from"):
+    embed(photos, run_dir, out, layers=("fc7",))
