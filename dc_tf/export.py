@@ -257,18 +257,27 @@ def load(path: str, verify: bool = True):
     path = os.path.join(path, "serving")
   if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
     raise ExportError(f"not a SavedModel (no saved_model.pb): {path}")
-  card_path = os.path.join(os.path.dirname(path.rstrip("/")), "model_card.json")
-  if verify and tf.io.gfile.exists(card_path):
-    with tf.io.gfile.GFile(card_path) as f:
-      expected = json.load(f).get("sha256", {}).get(os.path.basename(path.rstrip("/")))
-    if expected and expected != _dir_sha256(path):
-      raise ExportError(f"checksum mismatch for {path}: the export was modified after it "
-                        f"was written (model card {card_path}); refusing to load")
+  if verify:
+    _check_sha256(path, _dir_sha256)
   try:
     return tf.saved_model.load(path)
   except Exception as e:  # noqa: BLE001 - any loader failure means a corrupt export
     raise ExportError(f"cannot load SavedModel at {path}: {type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200]}") from e
+
+
+def _check_sha256(path: str, digest) -> None:
+  """Refuses `path` (a SavedModel dir or a file of an export) when the model card beside it
+  records another sha256 for it."""
+  path = path.rstrip("/")
+  card_path = os.path.join(os.path.dirname(path), "model_card.json")
+  if not tf.io.gfile.exists(card_path):
+    return
+  with tf.io.gfile.GFile(card_path) as f:
+    expected = json.load(f).get("sha256", {}).get(os.path.basename(path))
+  if expected and expected != digest(path):
+    raise ExportError(f"checksum mismatch for {path}: the export was modified after it "
+                      f"was written (model card {card_path}); refusing to load")
 
 
 def load_keras(path: str, verify: bool = True) -> keras.Model:
@@ -280,13 +289,8 @@ def load_keras(path: str, verify: bool = True) -> keras.Model:
   if not tf.io.gfile.exists(path):
     raise ExportError(f"Keras trunk not found: {path} (exports before issue 26 have none: "
                       "re-export with python -m dc_tf.export)")
-  card_path = os.path.join(os.path.dirname(path), "model_card.json")
-  if verify and tf.io.gfile.exists(card_path):
-    with tf.io.gfile.GFile(card_path) as f:
-      expected = json.load(f).get("sha256", {}).get(os.path.basename(path))
-    if expected and expected != _file_sha256(path):
-      raise ExportError(f"checksum mismatch for {path}: the export was modified after it "
-                        f"was written (model card {card_path}); refusing to load")
+  if verify:
+    _check_sha256(path, _file_sha256)
   try:
     return keras.saving.load_model(path)
   except Exception as e:  # noqa: BLE001 - any loader failure means a corrupt file
