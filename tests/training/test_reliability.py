@@ -226,7 +226,7 @@ def test_init_checkpoint_restores_every_trunk_variable_or_names_what_is_wrong(ti
   from dc_tf.training import checkpointing
   cfg = tiny_config(tiny_shards, tmp_path / "src", mode="rotnet")
   source = trainer.Trainer(cfg, tf.distribute.get_strategy())
-  source._save()
+  source.save()
   same = vgg.build_trunk(32, 0.125, 32)
   checkpointing.restore_trunk(same, str(tmp_path / "src"))
   for a, b in zip(source.trunk.weights, same.weights):
@@ -247,15 +247,15 @@ def test_a_preemption_requested_during_the_stop_agreement_is_not_lost(tiny_shard
   cfg = tiny_config(tiny_shards, tmp_path / "agree", mode="rotnet", epochs=1, knn_monitor=False,
                     batch_per_replica=8)
   run = trainer.Trainer(cfg, cpu_strategy(2))
-  real_agree = run._agree
+  real_agree = run.stopping._agree
 
   def agree_then_signal(flag):
     out = real_agree(flag)
     run.request_preemption()   # what the handler does when the blocking call returns
     return out
 
-  run._agree = agree_then_signal
+  run.stopping._agree = agree_then_signal
   assert run.should_stop() is False     # this agreement was computed before the request...
-  run._agree = real_agree
+  run.stopping._agree = real_agree
   assert run.should_stop() is True      # ...and the next one carries it
   assert run.preempted and not run.out_of_time

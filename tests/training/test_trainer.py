@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from conftest import REPO, two_cpu_strategy
 from dc_tf.config import ConfigError, ExperimentConfig
-from dc_tf.training import checkpointing, trainer
+from dc_tf.training import checkpointing, epoch, trainer
 
 
 def tiny_config(data, model_dir, **train):
@@ -82,7 +82,7 @@ def test_other_modes_train(tiny_shards, tmp_path, mode):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path):
   cfg = tiny_config(tiny_shards, tmp_path / "nan", lr=1e30, epochs=1)
   run = trainer.Trainer(cfg, tf.distribute.get_strategy())
-  with pytest.raises(trainer.TrainingDiverged, match="last good checkpoint"):
+  with pytest.raises(epoch.TrainingDiverged, match="last good checkpoint"):
     run.fit()
   latest = checkpointing.latest_checkpoint(str(tmp_path / "nan"))
   assert latest.endswith("ckpt-0")   # saved after the initial reassignment, not after NaN
