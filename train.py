@@ -3,6 +3,7 @@ r"""Trains DeeperCluster (or RotNet / DeepCluster) and exports the trunk.
   python train.py                                    # the CPU demo on the embedded data
   python train.py --flagfile=flags/deepercluster_yfcc100m.cfg --data_pattern=gs://...
   TF_CONFIG='{"cluster": {"worker": [...]}, "task": {...}}' python train.py ...
+  srun python train.py --cluster=slurm ...            # docs/launching-on-a-cluster.md
 
 Re-running the same command resumes from the last checkpoint in --model_dir.
 """
@@ -43,6 +44,8 @@ def main(argv):
   if flags.FLAGS.plan:
     print_plan(config)
     return
+  # TF_CONFIG from TFJob / Vertex AI as is, or from the SLURM job step: before any device use
+  distribute.set_up_cluster(flags.FLAGS.cluster, flags.FLAGS.slurm_port_base)
   reader.list_shards(config.data.data_pattern)  # fail fast, naming the pattern
   strategy = distribute.make_strategy(config.train.cpu_replicas)
   logging.info("config:\n%s", config.to_json())

@@ -88,6 +88,14 @@ def define_train_flags() -> None:
                      "Multi-worker: a worker whose collectives make no progress for this many "
                      "seconds (a stopped or dead peer) exits non-zero; 0 = wait forever. Set it "
                      "above the time of one loop of --steps_per_loop steps.")
+  # where this process is in a multi-worker job (docs/launching-on-a-cluster.md)
+  flags.DEFINE_enum("cluster", "tf_config", ["tf_config", "slurm"],
+                    "tf_config: TF_CONFIG as Kubeflow's TFJob, Vertex AI or you set it (none: "
+                    "one worker); slurm: built from the SLURM job step (srun) by TF's "
+                    "SlurmClusterResolver, SLURM_PROCID 0 the chief.")
+  flags.DEFINE_integer("slurm_port_base", 8888,
+                       "--cluster=slurm: the port of each node's first task; its next tasks "
+                       "take the ports after it.")
   flags.DEFINE_float("max_minutes", 0.0, "Stop (resumably) after this many minutes; 0 = no limit.")
   # --plan: print the memory plan for a layout and exit, allocating nothing
   flags.DEFINE_bool("plan", False, "Print the memory plan (per replica and per worker) and the "

@@ -1,7 +1,9 @@
 """tf.distribute glue: which strategy, and per-replica values held in host memory.
 
 MultiWorkerMirroredStrategy when TF_CONFIG names several workers, otherwise
-MirroredStrategy over the local GPUs (or the default strategy on one device).
+MirroredStrategy over the local GPUs (or the default strategy on one device). TF_CONFIG is
+as Kubeflow's TFJob or Vertex AI set it, or, with --cluster=slurm, built from the SLURM job
+step by TF's SlurmClusterResolver (`set_up_cluster`).
 
 Workers are numbered as MWMS numbers them (`worker_index`): the chief first, then the
 workers; replica ids follow, worker by worker (`dc_tf.placement.local_replica_ids`).
@@ -18,6 +20,9 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -25,11 +30,113 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from dc_tf.config import UserError
+
 
 def num_workers_in_tf_config() -> int:
   cfg = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
   cluster = cfg.get("cluster", {})
   return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+# --cluster: where this process learns its place in the job (docs/launching-on-a-cluster.md).
+CLUSTERS = ("tf_config", "slurm")
+# What SlurmClusterResolver reads; srun sets all four for every task of a job step.
+SLURM_STEP_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
+                        "SLURM_STEP_TASKS_PER_NODE")
+
+
+def slurm_gpus_per_node() -> int | None:
+  """The GPUs SlurmClusterResolver may share out among this node's tasks: None when
+  CUDA_VISIBLE_DEVICES is already set (SLURM's --gpus-per-task binding, or the user's: kept as
+  is; the resolver would renumber it), else what `nvidia-smi --list-gpus` lists, and 0 where
+  nvidia-smi is missing or fails (a CPU node; the resolver itself would raise)."""
+  if "CUDA_VISIBLE_DEVICES" in os.environ:
+    return None
+  if not shutil.which("nvidia-smi"):
+    return 0
+  try:
+    out = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return 0
+  return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def tf_config_from_slurm(port_base: int = 8888, gpus_per_node: int | None = None) -> dict:
+  """TF_CONFIG for this SLURM task, from TF's own SlurmClusterResolver: every task a
+  'worker' (worker 0, SLURM_PROCID 0, is the chief), at NODE:port_base + its rank on the node.
+
+  Args:
+    port_base: the first task of each node listens here, the next on port_base + 1, ...
+    gpus_per_node: > 0: the resolver splits them between the node's tasks and sets this task's
+      CUDA_VISIBLE_DEVICES (as it does by default); 0 or None (`slurm_gpus_per_node`): it only
+      lays out addresses, and each task keeps the devices it sees. Only the cluster and task
+      go into TF_CONFIG, so MWMS counts the devices it finds instead of asking the resolver
+      for GPUs a CPU node does not have.
+
+  Raises:
+    UserError: outside a SLURM job step (naming the missing variables), or a layout the
+      resolver gets wrong or refuses.
+  """
+  env = os.environ
+  missing = [v for v in SLURM_STEP_VARIABLES if not env.get(v)]
+  if missing:
+    raise UserError(f"--cluster=slurm: {', '.join(missing)} not set: this is not a task of a "
+                    "SLURM job step. Start train.py with srun inside the job (the sbatch "
+                    "script in docs/launching-on-a-cluster.md), or use --cluster=tf_config.")
+  num_tasks = int(env["SLURM_STEP_NUM_TASKS"])
+  per_node = max(int(re.match(r"\d+", part).group())
+                 for part in env["SLURM_STEP_TASKS_PER_NODE"].split(","))
+  if gpus_per_node and gpus_per_node < per_node:
+    raise UserError(f"--cluster=slurm: {gpus_per_node} GPU(s) on this node for {per_node} "
+                    "tasks: run at most one task per GPU (--ntasks-per-node), or bind GPUs to "
+                    "tasks yourself (--gpus-per-task=1 sets CUDA_VISIBLE_DEVICES)")
+  if gpus_per_node:
+    kwargs = dict(gpus_per_node=gpus_per_node)
+  else:  # one pretend GPU slot per task: the resolver's port layout, no devices touched
+    kwargs = dict(gpus_per_node=num_tasks, gpus_per_task=1, auto_set_gpu=False)
+  try:
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port_base, **kwargs)
+    cluster = resolver.cluster_spec().as_dict()
+  except (RuntimeError, ValueError) as e:
+    raise UserError(f"--cluster=slurm: SlurmClusterResolver: {e}") from e
+  task_type, task_id = resolver.get_task_info()
+  # The resolver sorts node names as strings (node10 before node2) and gives ranks out node by
+  # node; SLURM numbers the nodes by number, and --distribution=cyclic deals ranks round the
+  # nodes. Either way a rank would be told another node's address and the job would hang.
+  host = cluster[task_type][task_id].rsplit(":", 1)[0]
+  node = env.get("SLURMD_NODENAME")
+  if node and host.split(".")[0] != node.split(".")[0]:
+    raise UserError(
+        f"--cluster=slurm: SlurmClusterResolver puts task {env['SLURM_PROCID']} on {host}, but "
+        f"it runs on {node}: the resolver orders nodes by name (node10 before node2) and ranks "
+        "node by node. Use nodes whose names sort in SLURM's order (node[01-16]) and block "
+        "distribution, or set TF_CONFIG on each task yourself (--cluster=tf_config).")
+  return {"cluster": cluster, "task": {"type": task_type, "index": task_id}}
+
+
+def set_up_cluster(cluster: str = "tf_config", slurm_port_base: int = 8888) -> None:
+  """Makes TF_CONFIG say where this process is in the job; called once at the edge, before
+  the strategy is built. "tf_config": as set by Kubeflow's TFJob, Vertex AI or the user (none:
+  one worker). "slurm": built from the SLURM job step (`tf_config_from_slurm`)."""
+  if cluster not in CLUSTERS:
+    raise UserError(f"--cluster={cluster}: expected one of {', '.join(CLUSTERS)}")
+  tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+  if cluster == "tf_config":
+    if tasks > 1 and not os.environ.get("TF_CONFIG"):
+      raise UserError(f"--cluster=tf_config: this is one of {tasks} tasks of a SLURM job step "
+                      "but TF_CONFIG is not set, so each would train alone into the same "
+                      "--model_dir: pass --cluster=slurm")
+    return
+  if os.environ.get("TF_CONFIG"):
+    raise UserError("--cluster=slurm builds TF_CONFIG from the SLURM job step, but TF_CONFIG "
+                    "is already set (exported into the job?): unset it, or keep it with "
+                    "--cluster=tf_config")
+  tf_config = tf_config_from_slurm(slurm_port_base, slurm_gpus_per_node())
+  os.environ["TF_CONFIG"] = json.dumps(tf_config)
+  logging.info("--cluster=slurm: %s %d of %d, cluster %s", tf_config["task"]["type"],
+               tf_config["task"]["index"], num_workers_in_tf_config(), tf_config["cluster"])
 
 
 def use_cpu_replicas(n: int) -> list[str]:
