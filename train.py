@@ -48,9 +48,10 @@ def main(argv):
   distribute.set_up_cluster(flags.FLAGS.cluster, flags.FLAGS.slurm_port_base)
   reader.list_shards(config.data.data_pattern)  # fail fast, naming the pattern
   strategy = distribute.make_strategy(config.train.cpu_replicas)
-  logging.info("config:\n%s", config.to_json())
-  logging.info("strategy %s, %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
   checkpointing.write_config(config.train.model_dir, config)
+  logging.info("%s (%s, %d replicas; full config in %s)", config.summary(),
+               type(strategy).__name__, strategy.num_replicas_in_sync,
+               os.path.join(config.train.model_dir, "config.json"))
   run = trainer.Trainer(config, strategy)
 
   def on_sigterm(signum, frame):  # preemption: finish the current loop, save, exit cleanly

@@ -146,10 +146,28 @@ def _error(message) -> None:
 class _HideLibraryInfo(logging.Filter):
   """Drops INFO (and DEBUG) records logged from inside TensorFlow or Keras: they log through
   the same absl handler as our own lines, so only where a record comes from tells them apart."""
-  LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("tensorflow", "keras", "tf_keras"))
+  LIBRARIES = tuple(f"{os.sep}{name}{os.sep}"
+                    for name in ("tensorflow", "keras", "tf_keras", "matplotlib"))
 
   def filter(self, record):
     return record.levelno > logging.INFO or not any(p in record.pathname for p in self.LIBRARIES)
+
+
+def _import_keras_without_pyplot() -> None:
+  """`import keras` imports matplotlib.pyplot for two plotting helpers of
+  keras.src.visualization that dc_tf never calls; on a fresh machine that builds matplotlib's
+  font cache ("generated new fontManager", seconds) at every start. Keras catches the
+  ImportError and leaves those helpers off; our own figures import pyplot when they draw."""
+  if "keras" in sys.modules:
+    return
+  blocked = "matplotlib.pyplot" not in sys.modules
+  if blocked:
+    sys.modules["matplotlib.pyplot"] = None   # `import matplotlib.pyplot` -> ImportError
+  try:
+    import keras  # noqa: F401
+  finally:
+    if blocked and sys.modules.get("matplotlib.pyplot", 0) is None:
+      del sys.modules["matplotlib.pyplot"]
 
 
 def run(main) -> None:
@@ -157,8 +175,9 @@ def run(main) -> None:
   shards, missing or tampered checkpoint or export) prints one line, `error: ...`, and exits
   with status 2, no traceback. TensorFlow's and Keras' own INFO lines (a saver line per
   checkpoint, collective set-up, export fingerprints) are hidden unless --verbosity=1 or
-  more asks for them; our log lines and progress bars stay. (TF 2.21's two oneDNN start-up
-  notes are printed by C++ before any logging is set up: no setting hides them.)"""
+  more asks for them; our log lines and progress bars stay. TF's C++ start-up lines (oneDNN
+  and CPU-feature notes) are hidden through TF_CPP_MIN_LOG_LEVEL=2, set before TensorFlow is
+  first imported unless the environment sets it already."""
   def parse(argv):
     try:
       return FLAGS(argv)
@@ -170,6 +189,7 @@ def run(main) -> None:
       from absl import logging as absl_logging
       os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # C++ INFO and WARNING lines
       absl_logging.get_absl_handler().addFilter(_HideLibraryInfo())
+    _import_keras_without_pyplot()   # after TF_CPP_MIN_LOG_LEVEL: keras imports TensorFlow
     try:
       return main(argv)
     except UserError as e:

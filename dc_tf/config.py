@@ -192,6 +192,15 @@ class ExperimentConfig:
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+  def summary(self) -> str:
+    """One line for the screen: what runs, on what, for how long (config.json has it all)."""
+    t, c, d, mo = self.train, self.clustering, self.data, self.model
+    clusters = (f"m={self.num_super_clusters} x k={c.k}, re-cluster every {c.reassign_every}"
+                if self.uses_clustering else "no clustering")
+    return (f"{t.mode}: {clusters}; VGG-16 width {mo.width:g} at {mo.image_size} px; "
+            f"{t.epochs} epochs, batch {t.batch_per_replica}/replica, lr {t.lr:g} "
+            f"{t.schedule}; data {d.data_pattern}; run dir {t.model_dir}")
+
   @classmethod
   def from_dict(cls, d: dict) -> "ExperimentConfig":
     sections = {"data": DataConfig, "model": ModelConfig,

@@ -180,7 +180,7 @@ def test_two_slurm_tasks_train_in_step_as_mwms_workers(tiny_shards, tmp_path):
     assert code == 0, out[-3000:]
   assert f"--cluster=slurm: worker 1 of 2, cluster {{'worker': ['127.0.0.1:{base}', " \
          f"'127.0.0.1:{base + 1}']}}" in outs[1], outs[1][-3000:]
-  assert "strategy CollectiveAllReduceStrategy, 2 replicas" in outs[0], outs[0][-3000:]  # MWMS
+  assert "(CollectiveAllReduceStrategy, 2 replicas;" in outs[0], outs[0][-3000:]  # MWMS
   log = [json.loads(l) for l in open(model_dir / "log.jsonl")]
   chief = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
   other = tf.train.latest_checkpoint(str(model_dir / "tmp" / "worker-1"))

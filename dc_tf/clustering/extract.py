@@ -7,6 +7,8 @@ ids stay in host memory, one array per replica; nothing is written to disk or ex
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
@@ -44,13 +46,34 @@ def extract(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
   """
   ds = reader.build_extraction_dataset(pattern, image_size=image_size, batch_size=batch_size,
                                        input_context=input_context)
-
-  @tf.function(reduce_retracing=True)
-  def forward(images):
-    out = trunk(images[0], training=False)
-    return [{e: tf.cast(out[e], tf.float32) for e in endpoints}]
-
+  run = _inference_function(trunk, tuple(endpoints), ds.element_spec["image"])
+  forward = lambda images: [run(images[0])]
   return _run(ds, forward, 1, pattern, endpoints, progress, max_images, postprocess, dtype)[0]
+
+
+_INFERENCE: dict[int, dict] = {}   # id(trunk) -> traced functions, dropped with the trunk
+
+
+def _inference_function(trunk, endpoints: tuple, image_spec: tf.TensorSpec):
+  """One traced inference function per (trunk, endpoints, image size), reused by every
+  `extract` call: a tf.function made afresh per call traced again each time (evaluate.py
+  extracts a dozen times from two trunks; TF warned of retracing). The batch dimension is
+  left open, so a short last batch does not trace a second graph."""
+  spec = tf.TensorSpec([None, *image_spec.shape[1:]], image_spec.dtype)
+  held = _INFERENCE.get(id(trunk))
+  if held is None:   # by id: a trunk may be unhashable (a dataclass); freed with the trunk
+    held = _INFERENCE[id(trunk)] = {}
+    weakref.finalize(trunk, _INFERENCE.pop, id(trunk), None)
+  key = (endpoints, tuple(spec.shape), spec.dtype)
+  if key not in held:
+    ref = weakref.ref(trunk)   # the cache must not keep the trunk alive
+
+    @tf.function(input_signature=[spec])
+    def run(images):
+      out = ref()(images, training=False)
+      return {e: tf.cast(out[e], tf.float32) for e in endpoints}
+    held[key] = run
+  return held[key]
 
 
 def extract_per_replica(strategy, trunk, pattern: str, *, image_size: int,
