@@ -111,7 +111,10 @@ def train_epoch(run: Trainer, epoch: int, done: int, steps_per_epoch: int, lrs) 
   threading.Thread(target=holder.clear, name="release-epoch-iterator").start()
   examples = max(seen * run.global_batch, 1)
   record = {"event": "epoch", "epoch": epoch, "step": int(run.step.numpy()),
+            # lr: the epoch's first step's (a warm-up epoch starts near 0); lr_last: its last
+            # step's, the rate it ended at (issue 28).
             "lr": float(lrs[min(epoch * steps_per_epoch, len(lrs) - 1)]),
+            "lr_last": float(lrs[min(max(int(run.step.numpy()) - 1, 0), len(lrs) - 1)]),
             "examples_seen": int(run.step.numpy()) * run.global_batch,
             "seconds": round(time.time() - t0, 2),
             "images_per_second": round(examples / max(time.time() - t0, 1e-9), 1),

@@ -291,6 +291,14 @@ def test_resume_after_the_warmup_with_bad_records_keeps_epoch_and_lr(tiny_shards
   run.fit()
   monkeypatch.setattr(trainer.Trainer, "should_stop", real)
   resumed = trainer.Trainer(stopped_cfg, tf.distribute.get_strategy()).fit()
-  epochs = lambda h: [(r["epoch"], r["step"], r["lr"]) for r in h if r["event"] == "epoch"]  # noqa: E731
+  epochs = lambda h: [(r["epoch"], r["step"], r["lr"], r["lr_last"])  # noqa: E731
+                      for r in h if r["event"] == "epoch"]
   assert epochs(clean)[0][1] == 13                 # 52 records // 4 images per step
   assert epochs(resumed) == epochs(clean)[1:]
+  # lr is the epoch's first step's rate and lr_last its last step's, on the schedule's table
+  from dc_tf.training import losses
+  t = cfg.train
+  lrs = losses.learning_rates(39, t.lr, int(t.warmup_epochs * 13), t.schedule)
+  for epoch, step, lr, lr_last in epochs(clean):
+    assert lr == pytest.approx(float(lrs[epoch * 13])) and lr_last == pytest.approx(
+        float(lrs[step - 1])) and lr_last != pytest.approx(lr)
