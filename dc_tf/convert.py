@@ -248,7 +248,9 @@ def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: d
   shutil.rmtree(staging, ignore_errors=True)
   try:
     checkpointing.write_config(staging, config)
-    ckpt = tf.train.Checkpoint(trunk=trunk, step=tf.Variable(epoch, dtype=tf.int64))
+    # The original counts epochs: saved as step, one step an epoch, so a card says both.
+    ckpt = tf.train.Checkpoint(trunk=trunk, step=tf.Variable(epoch, dtype=tf.int64),
+                               steps_per_epoch=tf.Variable(1, dtype=tf.int64))
     tf.train.CheckpointManager(ckpt, os.path.join(staging, "ckpt"), max_to_keep=1).save(
         checkpoint_number=epoch)
     with open(os.path.join(staging, "converted_from.json"), "w") as f:

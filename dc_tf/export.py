@@ -20,7 +20,8 @@
   trunk.onnx   with `--onnx` (needs the optional tf2onnx, requirements-onnx.txt): the feature
              extractor for onnxruntime and other ONNX runtimes, input `images` [B, S, S, 3]
              normalised, the 15 endpoints as outputs (Keras 3 `model.export(format="onnx")`).
-  model_card.json   config, training data, epoch, and the sha256 of each export.
+  model_card.json   config, training data, the checkpoint's step and epoch (-1: unknown),
+             and the sha256 of each export.
 
 Usage: python -m dc_tf.export --model_dir=runs/demo --export_dir=runs/demo/export [--onnx]
 """
@@ -186,10 +187,12 @@ def _require_onnx_packages() -> None:
 
 
 def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict | None = None,
-           epoch: int = -1, training_data: str = "", weight_decay: float = 1e-5,
-           conv_endpoints=DEFAULT_CONV_ENDPOINTS, onnx: bool = False) -> dict:
+           step: int = -1, epoch: int = -1, training_data: str = "",
+           weight_decay: float = 1e-5, conv_endpoints=DEFAULT_CONV_ENDPOINTS,
+           onnx: bool = False) -> dict:
   """Writes serving/ and trunk/ SavedModels, trunk.keras (and trunk.onnx with `onnx`) and
-  model_card.json; returns the card."""
+  model_card.json; returns the card. `step` is the global step of the trunk's checkpoint,
+  `epoch` the epochs done (`checkpointing.epoch_of`: step // steps_per_epoch), -1 unknown."""
   if onnx:
     _require_onnx_packages()
   serving = ServingModule(trunk, image_size, conv_endpoints)
@@ -212,7 +215,7 @@ def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict
       "model": "DeeperCluster VGG-16-BN trunk (dc_tf)",
       "reference": "Caron et al., ICCV 2019, Unsupervised Pre-training of Image Features "
                    "on Non-Curated Data",
-      "image_size": image_size, "epoch": epoch, "training_data": training_data,
+      "image_size": image_size, "step": step, "epoch": epoch, "training_data": training_data,
       "parameters": int(trunk.count_params()), "conv_endpoints": list(conv_endpoints),
       "probe_features": probe_layout(trunk, image_size),
       "config": config or {},
@@ -298,18 +301,29 @@ def load_keras(path: str, verify: bool = True) -> keras.Model:
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
 
 
+def export_run(model_dir: str, export_dir: str = "", onnx: bool = False) -> dict:
+  """Exports the newest checkpoint of a training run dir (to MODEL_DIR/export by default);
+  returns the card."""
+  from dc_tf.training import checkpointing
+  if onnx:
+    _require_onnx_packages()
+  # One checkpoint for the weights and the card, though a running job may write a newer one.
+  prefix = checkpointing.latest_checkpoint(model_dir)
+  config = checkpointing.read_config(model_dir)
+  trunk = vgg.trunk_from_config(config.model)
+  checkpointing.restore_trunk(trunk, prefix)
+  step, epoch = checkpointing.read_progress(prefix)
+  return export(trunk, export_dir or os.path.join(model_dir, "export"),
+                image_size=config.model.image_size, config=config.to_dict(), step=step,
+                epoch=epoch, training_data=config.data.data_pattern,
+                weight_decay=config.train.weight_decay, onnx=onnx)
+
+
 def main(argv):
   del argv
   from absl import flags
-  from dc_tf.training import checkpointing
   f = flags.FLAGS
-  if f.onnx:
-    _require_onnx_packages()
-  trunk, config, epoch = checkpointing.load_trunk(f.model_dir)
-  card = export(trunk, f.export_dir or os.path.join(f.model_dir, "export"),
-                image_size=config.model.image_size, config=config.to_dict(), epoch=epoch,
-                training_data=config.data.data_pattern, weight_decay=config.train.weight_decay,
-                onnx=f.onnx)
+  card = export_run(f.model_dir, f.export_dir, f.onnx)
   print(json.dumps(card["sha256"], indent=1))
 
 

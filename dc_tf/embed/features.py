@@ -85,10 +85,7 @@ def serving_dir(model: str, output: str) -> str:
         raise UserError(f"{target} was exported from {have}, --model is now {source}: use "
                         "another --output")
     else:
-      trunk, config, epoch = checkpointing.load_trunk(model)
-      export.export(trunk, target, image_size=config.model.image_size,
-                    config=config.to_dict(), epoch=epoch,
-                    training_data=config.data.data_pattern)
+      export.export_run(model, target)
       with open(source_path, "w") as f:
         json.dump(source, f)
     return os.path.join(target, "serving")

@@ -60,7 +60,7 @@ def load(path: str) -> LoadedTrunk:
       info = json.load(f)
     module = export_lib.load(os.path.join(path, "trunk"))
     model_cfg = ModelConfig(**{k: v for k, v in info["config"].get("model", {}).items()})
-    return LoadedTrunk(_ExportedEndpoints(module), model_cfg, path, info.get("epoch", -1))
+    return LoadedTrunk(_ExportedEndpoints(module), model_cfg, path, info.get("step", -1))
   run_dir = path if tf.io.gfile.isdir(path) else os.path.dirname(os.path.dirname(path))
   config = checkpointing.read_config(run_dir)
   trunk = vgg.trunk_from_config(config.model)

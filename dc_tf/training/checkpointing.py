@@ -107,8 +107,26 @@ def restore_trunk(trunk, path: str, model_config=None) -> int:
   return int(step.numpy())
 
 
+def epoch_of(step: int, steps_per_epoch: int) -> int:
+  """Epochs done at global step `step`, the trainer's step -> epoch mapping; -1 where
+  `steps_per_epoch` is unknown (0 or less: a checkpoint that does not record it)."""
+  return step // steps_per_epoch if steps_per_epoch > 0 else -1
+
+
+def read_progress(path: str) -> tuple[int, int]:
+  """(step, epoch) of the newest checkpoint at `path` (a run dir, its ckpt/ folder or a
+  prefix), from the `step` and `steps_per_epoch` the trainer saves; -1 for what it lacks."""
+  reader = tf.train.load_checkpoint(latest_checkpoint(path))
+
+  def value(name):
+    key = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+    return int(reader.get_tensor(key)) if reader.has_tensor(key) else -1
+  step = value("step")
+  return step, epoch_of(step, value("steps_per_epoch"))
+
+
 def load_trunk(model_dir: str):
-  """(trunk, config, epoch) from a run directory."""
+  """(trunk, config, step) from a run directory; `read_progress` gives the epoch."""
   config = read_config(model_dir)
   trunk = vgg.trunk_from_config(config.model)
   step = restore_trunk(trunk, model_dir)

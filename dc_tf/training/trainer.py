@@ -266,8 +266,8 @@ class Trainer:
     if not self.is_chief:
       return None
     from dc_tf import export as export_lib
-    cfg = self.config
-    return export_lib.export(self.trunk, export_dir, image_size=cfg.model.image_size,
-                             config=cfg.to_dict(), epoch=int(self.step.numpy()),
-                             training_data=cfg.data.data_pattern,
-                             weight_decay=cfg.train.weight_decay)
+    cfg, step = self.config, int(self.step.numpy())
+    return export_lib.export(
+        self.trunk, export_dir, image_size=cfg.model.image_size, config=cfg.to_dict(),
+        step=step, epoch=checkpointing.epoch_of(step, int(self.steps_per_epoch.numpy())),
+        training_data=cfg.data.data_pattern, weight_decay=cfg.train.weight_decay)

@@ -148,7 +148,7 @@ def test_the_serving_export_of_a_converted_file_matches_pytorch_on_jpeg_bytes(tm
   convert.convert_file(path, run, image_size=SIZE)
   trunk, config, step = checkpointing.load_trunk(run)
   out_dir = str(tmp_path / "export")
-  export.export(trunk, out_dir, image_size=SIZE, config=config.to_dict(), epoch=step)
+  export.export(trunk, out_dir, image_size=SIZE, config=config.to_dict(), step=step, epoch=step)
   rng = np.random.RandomState(1)
   jpegs = [tf.io.encode_jpeg(rng.randint(0, 255, [h, w, 3]).astype(np.uint8)).numpy()
            for h, w in ((90, 120), (64, 64), (150, 80))]

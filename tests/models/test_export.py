@@ -23,14 +23,15 @@ def exported(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("export"))
   # trunk.onnx too where the optional ONNX packages are installed (CI installs them).
   onnx = importlib.util.find_spec("tf2onnx") is not None
-  card = export.export(trunk, d, image_size=32, epoch=3, training_data="x-*.tfrecord", onnx=onnx)
+  card = export.export(trunk, d, image_size=32, step=14, epoch=3, training_data="x-*.tfrecord",
+                       onnx=onnx)
   return trunk, d, card
 
 
 @pytest.mark.slow
 def test_signatures_match_in_memory_model(exported):
   trunk, d, card = exported
-  assert card["epoch"] == 3 and len(card["sha256"]["serving"]) == 64
+  assert (card["step"], card["epoch"]) == (14, 3) and len(card["sha256"]["serving"]) == 64
   loaded = export.load(d)
   jpegs = [jpeg_bytes(1, size=(40, 50)), jpeg_bytes(2, size=(64, 64))]
   out = loaded.signatures["serving_default"](image_bytes=tf.constant(jpegs))
@@ -41,6 +42,8 @@ def test_signatures_match_in_memory_model(exported):
   pixels = tf.cast(tf.io.decode_jpeg(jpegs[0], channels=3), tf.float32)[None]
   out2 = loaded.signatures["features_from_pixels"](images=pixels)
   assert float(tf.reduce_max(tf.abs(out2["fc7"][0] - ref["fc7"][0]))) < 1e-5
+  from dc_tf.evaluation import evaluator
+  assert evaluator.load(d).step == 14     # evaluate.py reads the card's step, not its epoch
 
 
 @pytest.mark.slow
@@ -51,7 +54,13 @@ def test_trunk_reuse_with_tfsmlayer_fine_tunes(exported):
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
   np.testing.assert_allclose(reloaded(x, training=False), trunk(x, training=False)["fc7"], atol=1e-5)
   assert len(reloaded.trainable_variables) == len(trunk.trainable_variables)
-  assert float(reloaded.regularization_losses[0]()) > 0
+  # L2 on the trainable conv and dense kernels (not biases, batch norm or the frozen Sobel
+  # front), 0.5 x weight decay (export's default 1e-5) x the sum of their squares.
+  kernels = [layer.kernel.numpy() for layer in trunk.layers if layer.trainable
+             and isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+  assert len(kernels) == 13 + 2
+  want = 0.5 * 1e-5 * sum(float(np.sum(np.square(k, dtype=np.float64))) for k in kernels)
+  assert float(reloaded.regularization_losses[0]()) == pytest.approx(want, rel=1e-5)
   layer = keras.layers.TFSMLayer(path, call_endpoint="serve", call_training_endpoint="train",
                                  trainable=True)
   inputs = keras.Input([32, 32, 3])
@@ -85,6 +94,41 @@ def test_missing_corrupt_and_tampered_exports(exported, tmp_path):
     export.load(str(copy))
   card = json.load(open(os.path.join(d, "model_card.json")))
   assert card["image_size"] == 32 and card["training_data"] == "x-*.tfrecord"
+
+
+def _run_dir(path, step, steps_per_epoch):
+  """A run dir as the trainer leaves it: config.json and a checkpoint of step `step`; returns
+  the dir and the trunk saved."""
+  from dc_tf.config import ExperimentConfig, ModelConfig
+  from dc_tf.training import checkpointing
+  config = ExperimentConfig(model=ModelConfig(image_size=32, width=0.125, fc_dim=32))
+  checkpointing.write_config(path, config)
+  trunk = vgg.trunk_from_config(config.model)
+  ckpt = tf.train.Checkpoint(trunk=trunk,
+                             step=tf.Variable(step, dtype=tf.int64),
+                             steps_per_epoch=tf.Variable(steps_per_epoch, dtype=tf.int64))
+  tf.train.CheckpointManager(ckpt, os.path.join(path, "ckpt"), 1).save(checkpoint_number=step)
+  return path, trunk
+
+
+def test_a_run_is_exported_with_its_step_and_its_epoch(tmp_path, monkeypatch):
+  """Issue 29: `python -m dc_tf.export` (`export_run`) wrote the checkpoint's global step as
+  the card's epoch. 14 steps of 4 an epoch: step 14, epoch 3 (the card writes what `export`
+  is given: the `exported` fixture); a checkpoint that does not record steps_per_epoch has
+  an unknown epoch, -1."""
+  from dc_tf.training import checkpointing
+  run, saved = _run_dir(str(tmp_path / "run"), step=14, steps_per_epoch=4)
+  seen = {}
+  monkeypatch.setattr(export, "export", lambda trunk, export_dir, **kw: seen.update(
+      kw, export_dir=export_dir, weights=trunk.get_weights()))
+  export.export_run(run)
+  assert (seen["step"], seen["epoch"]) == (14, 3)
+  for got, want in zip(seen["weights"], saved.get_weights(), strict=True):
+    np.testing.assert_array_equal(got, want)
+  assert seen["export_dir"] == os.path.join(run, "export") and seen["image_size"] == 32
+  bare = str(tmp_path / "bare")
+  tf.train.Checkpoint(step=tf.Variable(5, dtype=tf.int64)).write(os.path.join(bare, "ckpt"))
+  assert checkpointing.read_progress(os.path.join(bare, "ckpt")) == (5, -1)
 
 
 # ----------------------------------------------------------------------------- trunk.keras
