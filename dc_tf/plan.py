@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dc_tf.config import ExperimentConfig
+from dc_tf.config import ConfigError, ExperimentConfig
 from dc_tf.models.vgg import VGG16_LAYOUT, channels
 from dc_tf.placement import HeadPlacement
 
@@ -107,12 +107,20 @@ def clustering_host_bytes(rows_per_worker: int, total_rows: int, dim: int,
   return {"features": features, "working": extra, "total": features + extra}
 
 
+def _check_layout(num_replicas: int, replicas_per_worker: int) -> None:
+  """The layout flags, refused in one line (a ConfigError: train.py prints it, no traceback)."""
+  if num_replicas < 1 or replicas_per_worker < 1:
+    raise ConfigError(f"--num_replicas ({num_replicas}) and --replicas_per_worker "
+                      f"({replicas_per_worker}) must be >= 1")
+  if num_replicas % replicas_per_worker:
+    raise ConfigError(f"--num_replicas={num_replicas} is not a multiple of "
+                      f"--replicas_per_worker={replicas_per_worker}")
+
+
 def memory_plan(config: ExperimentConfig, num_replicas: int, replicas_per_worker: int,
                 num_images: int) -> dict:
   """Bytes per replica (largest replica) and per worker; see the module docstring."""
-  if num_replicas % replicas_per_worker:
-    raise ValueError(f"--num_replicas={num_replicas} is not a multiple of "
-                     f"--replicas_per_worker={replicas_per_worker}")
+  _check_layout(num_replicas, replicas_per_worker)
   m, t, c = config.model, config.train, config.clustering
   d, s, k = m.fc_units, config.num_super_classes, config.num_sub_classes
   trunk = trunk_shape(m.image_size, m.width, d, m.sobel)
@@ -241,9 +249,7 @@ def reassignment_plan(config: ExperimentConfig, num_replicas: int, replicas_per_
   passes read `--fit_sample` rows per worker (split over its G replicas, as the trainer
   passes it), PCA as many unless `--pca_sample` is set (its rows over all replicas).
   """
-  if num_replicas % replicas_per_worker:
-    raise ValueError(f"--num_replicas={num_replicas} is not a multiple of "
-                     f"--replicas_per_worker={replicas_per_worker}")
+  _check_layout(num_replicas, replicas_per_worker)
   mo, c, t = config.model, config.clustering, config.train
   r, g = num_replicas, replicas_per_worker
   workers = r // g
