@@ -14,8 +14,12 @@ Apache Beam pipeline, for every source, on any runner.
   sha1(seed:id) (seed < 0: the order of the ids), cut into equal runs, so shards differ in size
   by at most one record and a rerun with the same inputs and options writes the same bytes.
 - Each shard is written to a temporary name and renamed; a shard that exists is kept, so an
-  interrupted run resumes. `<name>.json` records the counts per reason, the shard sizes and
-  the options; the same counts are Beam counters (namespace `make_shards`).
+  interrupted run resumes, but only with the options that laid the shards out: they are
+  recorded before anything is written (`<name>.layout.json`, then the manifest), and a rerun
+  with others is refused (issue 29: another --seed would mix two orders in one set, another
+  --shard_size leave two sets under one glob); `--overwrite` replaces the set. At the end
+  `<name>.json` records the counts per reason, the shard sizes and the options; the same
+  counts are Beam counters (namespace `make_shards`).
 
 Runners: the default DirectRunner runs here (Beam's FnApiRunner: `--direct_num_workers=N
 --direct_running_mode=multi_processing` for N processes); `--runner=DataflowRunner|FlinkRunner|
@@ -69,6 +73,7 @@ class ShardOptions:
   long_tail_exponent: float = 0.0
   long_tail_size: int = 0
   near_duplicate_fraction: float = 0.5
+  overwrite: bool = False
   beam_args: tuple[str, ...] = ()
 
   def validate(self) -> "ShardOptions":
@@ -270,9 +275,100 @@ class WriteShard(beam.DoFn):
     yield {"shard": index, "file": os.path.basename(path), "records": written, "resumed": False}
 
 
+# ----------------------------------------------------------------------------- reruns
+# Options that change no shard's bytes: where the set goes, how Beam runs it, how to rerun.
+NOT_LAYOUT = ("output_dir", "name", "overwrite", "beam_args")
+
+
+def layout_options(options: dict) -> dict:
+  """The options (a ShardOptions' fields, flag names) that decide what each shard holds:
+  local input paths made absolute (a rerun from another folder reads the same input), and
+  --shard_size only where --num_shards does not set the count."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ShardOptions)
+              if f.default is not dataclasses.MISSING}
+  out = {k: list(v) if isinstance(v, (tuple, list)) else v
+         for k, v in {**defaults, **options}.items() if k not in NOT_LAYOUT}
+  if out["num_shards"]:
+    del out["shard_size"]
+  for k in ("input", "image_dir", "image_list"):
+    if out[k] and "://" not in out[k]:
+      out[k] = os.path.abspath(out[k])
+  return out
+
+
+def _flags(options: dict, keys) -> str:
+  def value(v):
+    return ",".join(map(str, v)) if isinstance(v, list) else v
+  return " ".join(f"--{k}={value(options[k])}" for k in keys if k in options)
+
+
+def _layout_path(opts: ShardOptions) -> str:
+  """Where a run records its layout options before writing: `<name>.json` is written only at
+  the end, so that its presence still means a complete set."""
+  return os.path.join(opts.output_dir, f"{opts.name}.layout.json")
+
+
+def check_rerun(opts: ShardOptions) -> None:
+  """Keeps the shards in `opts.output_dir` only for a rerun that would write the same ones:
+  refuses other layout options (compared with `<name>.json`, or `<name>.layout.json` when an
+  interrupted run wrote no manifest), or shards with neither, in one line naming the flags;
+  with `opts.overwrite`, deletes the set and its manifest first. Where no shard is kept,
+  records this run's layout before any shard is written."""
+  import tensorflow as tf
+  manifest_path = os.path.join(opts.output_dir, f"{opts.name}.json")
+  shards = tf.io.gfile.glob(os.path.join(opts.output_dir, f"{opts.name}-?????-of-?????.tfrecord"))
+  want = layout_options(dataclasses.asdict(opts))
+  if opts.overwrite:
+    old = tf.io.gfile.glob(os.path.join(opts.output_dir, f"{opts.name}-?????-of-?????.tfrecord*"))
+    if tf.io.gfile.exists(manifest_path):
+      old.append(manifest_path)
+    for path in old:
+      tf.io.gfile.remove(path)
+  elif shards:
+    record_path = next((p for p in (manifest_path, _layout_path(opts)) if tf.io.gfile.exists(p)),
+                       None)
+    if record_path is None:
+      raise ValueError(
+          f"{opts.output_dir} holds {len(shards)} {opts.name} shards but no {opts.name}.json "
+          "recording the options they were written with: choose another --output_dir, or pass "
+          "--overwrite to replace them")
+    try:
+      with tf.io.gfile.GFile(record_path) as f:
+        record = json.load(f)
+      have = layout_options(record.get("layout") or record["options"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{record_path} is not a make_shards manifest ({type(e).__name__}): "
+                       "choose another --output_dir or --name, or pass --overwrite") from None
+    differ = [k for k in want if want[k] != have.get(k)]
+    if differ:
+      raise ValueError(
+          f"{opts.output_dir} holds {opts.name} shards written with {_flags(have, differ)} but "
+          f"this run has {_flags(want, differ)}: rerun with those to resume, choose another "
+          "--output_dir, or pass --overwrite to replace them")
+    return
+  with tf.io.gfile.GFile(_layout_path(opts), "w") as f:
+    f.write(json.dumps({"name": opts.name, "layout": want}, indent=1))
+
+
+def check_one_shard_set(opts: ShardOptions, manifest: dict) -> None:
+  """Fails when the folder holds `name` shards the manifest does not list: the same options
+  over an input that changed size give another shard count, and the glob would read both."""
+  import tensorflow as tf
+  listed = {s["file"] for s in manifest["shards"]}
+  stale = sorted(os.path.basename(p) for p in tf.io.gfile.glob(
+      os.path.join(opts.output_dir, f"{opts.name}-?????-of-?????.tfrecord"))
+      if os.path.basename(p) not in listed)
+  if stale:
+    raise ValueError(
+        f"{opts.output_dir} also holds {len(stale)} {opts.name} shards of another layout "
+        f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}), as when the input "
+        f"changed since they were written: rerun with --overwrite, or a {opts.name}-* glob "
+        "reads both sets")
+
+
 # ----------------------------------------------------------------------------- manifest
-def write_manifest(_, opts: ShardOptions, pipeline_options: dict, read: int, dropped: dict,
-                   shards: list, labels: list) -> None:
+def write_manifest(_, opts: ShardOptions, layout_record: dict, pipeline_options: dict,
+                   read: int, dropped: dict, shards: list, labels: list) -> None:
   import tensorflow as tf
   shards = sorted(shards, key=lambda s: s["shard"])
   sizes = [s["records"] for s in shards]
@@ -290,6 +386,7 @@ def write_manifest(_, opts: ShardOptions, pipeline_options: dict, read: int, dro
       "labels": sorted(labels),
       "options": {k: list(v) if isinstance(v, tuple) else v
                   for k, v in dataclasses.asdict(opts).items()},
+      "layout": layout_record,
       "pipeline_options": pipeline_options,
   }
   with tf.io.gfile.GFile(os.path.join(opts.output_dir, f"{opts.name}.json"), "w") as f:
@@ -342,7 +439,8 @@ def build(p, opts: ShardOptions, pipeline_options: dict) -> None:
             | beam.Filter(lambda lt: lt[0] >= 0) | beam.Distinct())
   read = items | "Count read" >> beam.combiners.Count.Globally()
   _ = (p | "Manifest" >> beam.Create([None])
-       | beam.Map(write_manifest, opts, pipeline_options, beam.pvalue.AsSingleton(read),
+       | beam.Map(write_manifest, opts, layout_options(dataclasses.asdict(opts)),
+                  pipeline_options, beam.pvalue.AsSingleton(read),
                   beam.pvalue.AsDict(all_dropped), beam.pvalue.AsList(written.shards),
                   beam.pvalue.AsList(labels)))
 
@@ -379,11 +477,15 @@ def run(opts: ShardOptions) -> dict:
   tf.io.gfile.makedirs(opts.output_dir)
   p = beam.Pipeline(runner=pipeline_runner(options), options=options)
   build(p, opts, {k: v for k, v in recorded.items() if isinstance(v, (str, int, float, bool))})
+  check_rerun(opts)  # after build, which refuses a missing input first
   result = p.run()
   result.wait_until_finish()
   with tf.io.gfile.GFile(os.path.join(opts.output_dir, f"{opts.name}.json")) as f:
     manifest = json.load(f)
   manifest["beam_counters"] = counters(result)
+  if tf.io.gfile.exists(_layout_path(opts)):   # the manifest records the layout now
+    tf.io.gfile.remove(_layout_path(opts))
+  check_one_shard_set(opts, manifest)
   if not manifest["records"]:
     raise ValueError(f"no images written from --input={opts.input}: "
                      f"dropped {manifest['dropped'] or 'nothing (no images found)'}")
@@ -411,7 +513,8 @@ def options_from_flags(f, beam_args: Sequence[str]) -> ShardOptions:
       dedupe=f.dedupe, placeholder_min_copies=f.placeholder_min_copies,
       placeholder_sha1=tuple(s for s in sha1.split(",") if s),
       long_tail_exponent=f.long_tail_exponent, long_tail_size=f.long_tail_size,
-      near_duplicate_fraction=f.near_duplicate_fraction, beam_args=tuple(beam_args)).validate()
+      near_duplicate_fraction=f.near_duplicate_fraction, overwrite=f.overwrite,
+      beam_args=tuple(beam_args)).validate()
 
 
 def main(argv):
@@ -435,6 +538,8 @@ def define_flags():
   flags.DEFINE_string("image_list", "", "yfcc: `photo_id<TAB>path` lines (instead of a walk).")
   flags.DEFINE_string("output_dir", None, "Where shards go (local or gs://).", required=True)
   flags.DEFINE_string("name", "train", "Shard name prefix.")
+  flags.DEFINE_bool("overwrite", False, "Delete the <name> shards in --output_dir first; "
+                    "without it, a rerun resumes only with the options they were written with.")
   flags.DEFINE_integer("num_shards", 0, "Number of shards; 0 = from --shard_size.")
   flags.DEFINE_integer("shard_size", 1024, "Images per shard when --num_shards=0.")
   flags.DEFINE_integer("seed", 0, "Seed of the image order; < 0 orders by image id.")

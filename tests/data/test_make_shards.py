@@ -53,6 +53,45 @@ def test_folder_labels_balance_resume_and_identical_rerun(tmp_path):
   assert _files(other) != before and sorted(_records(f"{other}/*.tfrecord")) == sorted(_records(f"{out}/*.tfrecord"))
 
 
+def test_a_rerun_with_other_layout_options_is_refused_not_mixed(tmp_path, monkeypatch):
+  """Issue 29: existing shards are kept only when the options that lay them out match, so
+  another --seed cannot mix two orders in one set, nor another --shard_size leave two sets
+  under one glob; also when the first run died before its manifest was written."""
+  images = write_image_folder(str(tmp_path / "img"), classes=2, per_class=4)
+  out = str(tmp_path / "out")
+
+  def interrupted(*args, **kw):
+    raise RuntimeError("killed before the manifest")
+  with monkeypatch.context() as m:
+    m.setattr(make_shards, "write_manifest", interrupted)
+    with pytest.raises(Exception, match="killed before the manifest"):
+      make_shards.write_shards("folder", images, out, "train", seed=1, shard_size=4)
+  before = _files(out)
+  assert sorted(before) == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+  assert sorted(os.listdir(out)) == sorted(before) + ["train.layout.json"]  # no manifest yet
+  with pytest.raises(ValueError, match=r"--seed=1 .*--seed=2.*--output_dir.*--overwrite"):
+    make_shards.write_shards("folder", images, out, "train", seed=2, shard_size=4)
+  with pytest.raises(ValueError, match=r"--shard_size=4 .*--shard_size=3"):
+    make_shards.write_shards("folder", images, out, "train", seed=1, shard_size=3)
+  assert _files(out) == before
+  # The same options resume (every shard kept), --overwrite replaces the whole set.
+  m = make_shards.write_shards("folder", images, out, "train", seed=1, shard_size=4)
+  assert m["resumed_shards"] == 2 and _files(out) == before
+  assert sorted(os.listdir(out)) == sorted(before) + ["train.json"]
+  m = make_shards.write_shards("folder", images, out, "train", seed=1, shard_size=3,
+                               overwrite=True)
+  assert m["resumed_shards"] == 0
+  assert sorted(_files(out)) == [f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
+  # The same options over an input that grew: another shard count, and the old set is named.
+  write_image_folder(images, classes=3, per_class=4)
+  with pytest.raises(ValueError, match=r"3 train shards of another layout.*--overwrite"):
+    make_shards.write_shards("folder", images, out, "train", seed=1, shard_size=3)
+  # Shards with no record of their options (another tool, or the record deleted): refused.
+  os.remove(os.path.join(out, "train.json"))
+  with pytest.raises(ValueError, match="no train.json"):
+    make_shards.write_shards("folder", images, out, "train", seed=1, shard_size=3)
+
+
 def test_shard_of_an_image_depends_on_its_id_not_on_the_input_order(tmp_path):
   """Listing the same images in another order (a list file, reversed) gives the same shards."""
   images = write_image_folder(str(tmp_path / "img"), classes=2, per_class=6)
@@ -196,6 +235,63 @@ def test_yfcc_missing_inputs_name_the_flag(tmp_path):
   (tmp_path / "m").write_text(_yfcc_line(1))
   with pytest.raises(FileNotFoundError, match="--image_dir"):
     make_shards.write_shards("yfcc", str(tmp_path / "m"), str(tmp_path / "o"))
+
+
+def test_yfcc_lines_escapes_and_markers_parse_as_documented():
+  """Issue 29: %-escaped and '+'-spaced text fields decoded tag by tag; a marker other than
+  0 (photo) or 1 (video) is a bad line; both field counts parse alike."""
+  (pid, item), = sources.parse_yfcc_line(_yfcc_line(
+      7, tags="caf%C3%A9,new+york,100%25,,x", machine="geo%3Alat%3D1", device="Sony%2FDSC"))
+  assert (pid, item.image_id, item.key) == (7, 7, "7")
+  assert item.tags == "café,new york,100%,x" and item.machine_tags == "geo:lat=1"
+  assert item.device == "Sony/DSC" and np.isnan(item.lat)
+  (_, old), = sources.parse_yfcc_line(_yfcc_line(7, tags="caf%C3%A9", fields=23))
+  assert old.tags == "café"
+
+  def reason(line):
+    (out,) = sources.parse_yfcc_line(line)
+    return out.value[0]
+  assert reason(_yfcc_line(8, marker="2")) == "bad metadata line"
+  assert reason(_yfcc_line(8, marker="")) == "bad metadata line"
+  assert reason(_yfcc_line(8, marker="1")) == "video"
+
+
+def test_yfcc_join_keeps_one_line_and_one_file_whatever_the_shuffle_order():
+  """Issue 29: a photo id with two metadata lines keeps one, the other counted as repeated;
+  with two files, the first path in sorted order. Neither choice may depend on the order the
+  shuffle delivers them in, or a rerun writes other bytes."""
+  (_, a), = sources.parse_yfcc_line(_yfcc_line(5, tags="old"))
+  (_, b), = sources.parse_yfcc_line(_yfcc_line(5, tags="new"))
+  paths = ["/img/z/5.jpg", "/img/a/5.jpg"]
+  kept = []
+  for metas in ([a, b], [b, a]):
+    for order in (paths, paths[::-1]):
+      out = list(sources._join_photo((5, {"meta": metas, "path": order})))  # noqa: SLF001
+      assert [o.value for o in out[:-1]] == [("repeated metadata line", 1)]
+      kept.append(out[-1])
+  assert {(k.path, k.tags) for k in kept} == {("/img/a/5.jpg", kept[0].tags)}
+
+
+def test_yfcc_gzip_metadata_repeated_lines_and_two_files_for_one_photo(tmp_path):
+  """Gzip metadata (sniffed, no extension), a line given twice, a photo with two files and a
+  marker that is neither photo nor video, through the pipeline."""
+  import gzip
+  images = tmp_path / "images"
+  for sub in ("a", "b"):
+    (images / sub).mkdir(parents=True)
+  (images / "a" / "201.jpg").write_bytes(jpeg_bytes(201))
+  (images / "b" / "201.jpg").write_bytes(jpeg_bytes(1201))    # a second file for 201
+  (images / "a" / "202.jpg").write_bytes(jpeg_bytes(202))
+  (images / "a" / "203.jpg").write_bytes(jpeg_bytes(203))
+  lines = [_yfcc_line(201), _yfcc_line(202, tags="x"), _yfcc_line(202, tags="x"),
+           _yfcc_line(203, marker="3")]
+  (tmp_path / "meta").write_bytes(gzip.compress("".join(lines).encode()))
+  m = make_shards.write_shards("yfcc", str(tmp_path / "meta"), str(tmp_path / "o"), "y", 1,
+                               image_dir=str(images))
+  assert m["dropped"] == {"repeated metadata line": 1, "bad metadata line": 1}
+  exs = {_value(ex, "image/id"): ex for ex in _examples(str(tmp_path / "o/y-*"))}
+  assert sorted(exs) == [201, 202] and _value(exs[202], "meta/tags") == b"x"
+  assert _value(exs[201], "image/encoded") == jpeg_bytes(201)   # a/ sorts before b/
 
 
 # ----------------------------------------------------------------------------- long tail
