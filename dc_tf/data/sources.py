@@ -276,8 +276,11 @@ def parse_image_list_line(line: str, base: str):
 
 
 def _join_photo(element):
+  """One photo id's metadata lines and files -> one item. Of several lines the same one is
+  kept whatever order the shuffle delivers them in (the smallest by value), so a rerun writes
+  the same bytes; of several files, the first path in sorted order."""
   photo_id, groups = element
-  metas, paths = list(groups["meta"]), sorted(groups["path"])
+  metas, paths = sorted(groups["meta"], key=repr), sorted(groups["path"])
   if not metas:
     counter("image without metadata").inc()
     return
