@@ -130,6 +130,8 @@ def count_and_drop_bad(ds: tf.data.Dataset, keep_missing: bool = False) -> tf.da
   def step(count, ex):
     count = count + tf.cast(bad(ex["status"]), tf.int64)
     ex = dict(ex)
+    if "undecoded" in ex:   # records dropped before, where they failed to decode
+      count = count + ex.pop("undecoded")
     ex["skipped"] = count
     return count, ex
 

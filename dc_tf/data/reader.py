@@ -152,10 +152,17 @@ def _parsed(files: tf.data.Dataset, deterministic: bool,
 
 def _decoded(examples: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
   """Decodes images in parallel; bad ones are dropped and counted in `skipped`."""
-  ds = examples.map(decoder.decode_example, num_parallel_calls=AUTOTUNE,
-                    deterministic=deterministic)
-  ds = ds.ignore_errors(log_warning=True)  # last resort for undecodable-but-plausible bytes
-  ds = ds.map(decoder.check_required)
+  # Bytes that pass the byte checks but do not decode raise inside the map and are dropped by
+  # ignore_errors; the records are numbered first, so the gaps in the numbers count them.
+  ds = examples.enumerate().map(lambda i, ex: (i, decoder.decode_example(ex)),
+                                num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+  ds = ds.ignore_errors(log_warning=True)
+
+  def count_gaps(prev, item):
+    index, ex = item
+    ex = dict(ex, undecoded=tf.maximum(index - prev - 1, 0))
+    return tf.maximum(index, prev), ex
+  ds = ds.scan(tf.constant(-1, tf.int64), count_gaps).map(decoder.check_required)
   return decoder.count_and_drop_bad(ds)
 
 
@@ -272,10 +279,12 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
   # holds (collectives stay in step; a short shard is padded by its next round, a long one
   # truncated).
   examples = tf.data.Dataset.range(passes).flat_map(one_pass)
-  examples = examples.shuffle(shuffle_buffer, seed=(seed * 1000003 + epoch) % 2**31,
-                              reshuffle_each_iteration=True).repeat()
   per_image = batch_size // num_rotations if all_rotations else batch_size
   per_image = max(per_image, 1)
+  # Rounds are bounded: over records that all pass the byte checks and none decodes, an
+  # unbounded repeat would never fill `steps` (one decodable image a round fills them).
+  examples = examples.shuffle(shuffle_buffer, seed=(seed * 1000003 + epoch) % 2**31,
+                              reshuffle_each_iteration=True).repeat(steps * per_image)
   examples = examples.enumerate()
 
   def transform(index, ex):

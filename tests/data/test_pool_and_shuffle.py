@@ -1,6 +1,7 @@
 """Issue 25: the pool size without reading the pool, shards cut short, and the spreading of
 an over-sampled image's copies over the epoch."""
 
+import collections
 import logging
 import os
 import shutil
@@ -145,3 +146,41 @@ def test_spread_epoch_resumes_exactly(tiny_shards, pool_ids):
   for a, b in zip(full[3:], resumed):
     np.testing.assert_array_equal(a["image_id"].numpy(), b["image_id"].numpy())
     np.testing.assert_array_equal(a["image"].numpy(), b["image"].numpy())
+
+
+def _draws(pattern, plan, draws, epoch=2, input_context=None, batch_size=1):
+  """The first `draws` draws of the epoch (one round when it is all of them), in order."""
+  ds = reader.build_train_dataset(pattern, image_size=16, batch_size=batch_size,
+                                  steps=draws // batch_size, plan=plan, num_rotations=4,
+                                  all_rotations=False, seed=1, epoch=epoch, shuffle_buffer=256,
+                                  input_context=input_context)
+  return np.concatenate([b["image_id"].numpy() for b in ds])
+
+
+def test_a_plan_split_between_two_workers_draws_the_plan_once(tiny_shards, pool_ids):
+  """Issue 29: each worker reads its own shard files and draws, of the global plan, the
+  copies of the images those hold; the two workers' draws together are the plan's."""
+  mult = np.random.default_rng(0).integers(0, 4, len(pool_ids))   # 0..3 copies, P = 3
+  zeros = np.zeros(len(pool_ids), np.int32)
+  plan = reader.EpochPlan(pool_ids, mult, zeros, zeros - 1)
+  want = dict(zip(pool_ids, mult))
+  drawn = []
+  for w in (0, 1):
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=w,
+                                     num_replicas_in_sync=2)
+    mine = reader.read_image_ids(tiny_shards, ctx)
+    drawn.append(_draws(tiny_shards, plan, int(sum(want[i] for i in mine)), input_context=ctx))
+    assert set(drawn[-1]) <= set(mine)
+  assert not set(drawn[0]) & set(drawn[1])
+  got = collections.Counter(np.concatenate(drawn).tolist())
+  assert got == {i: m for i, m in want.items() if m}
+
+
+def test_the_shuffle_changes_with_the_epoch(tiny_shards, pool_ids):
+  """Issue 29: epochs 0 and 1 draw the same images in other orders; one epoch's order is
+  the same every time it is built (a resumed run relies on it)."""
+  n = len(pool_ids)
+  first, second, again = (_draws(tiny_shards, None, n, epoch=e, batch_size=8)
+                           for e in (0, 1, 1))
+  assert sorted(first) == sorted(second) == sorted(pool_ids)
+  assert list(second) == list(again) and list(first) != list(second)

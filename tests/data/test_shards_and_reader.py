@@ -172,3 +172,46 @@ def test_embedded_dataset_is_present_and_small():
   assert sum(os.path.getsize(f) for f in files) < 15e6
   summary = json.load(open(os.path.join(REPO, "data", "train.json")))
   assert summary["records"] >= 2500 and len(summary["labels"]) >= 10
+
+
+def _undecodable_shard(tmp_path, example):
+  """Ids 0..2 good; id 99 has a JPEG's SOI and EOI markers (the byte checks pass) but no
+  decodable body, as make_shards' "corrupt jpeg" case."""
+  good = jpeg_bytes(5)
+  bad = good[:20] + b"\x00" * 200 + good[-2:]
+  assert int(decoder.byte_status(tf.constant(bad), tf.constant("jpeg"))) == decoder.OK
+  records = [example(image_id=i) for i in range(3)]
+  records.insert(1, example(data=bad, image_id=99))
+  return write_records(str(tmp_path / "cj-00000-of-00001.tfrecord"), records)
+
+
+def test_a_jpeg_that_passes_the_byte_checks_but_does_not_decode_is_dropped(tmp_path, example):
+  """Issue 29: dropped by both pipelines, not a crash; the training epoch still has all its
+  steps, drawn from the images that decode."""
+  path = _undecodable_shard(tmp_path, example)
+  batches = _all(reader.build_extraction_dataset(path, image_size=16, batch_size=8))
+  assert list(np.concatenate([b["image_id"].numpy() for b in batches])) == [0, 1, 2]
+  train = _all(reader.build_train_dataset(path, image_size=16, batch_size=2, steps=5, plan=None,
+                                          num_rotations=4, all_rotations=False, seed=0, epoch=0,
+                                          shuffle_buffer=8))
+  ids = np.concatenate([b["image_id"].numpy() for b in train])
+  assert len(train) == 5 and set(ids) == {0, 1, 2}
+
+
+def test_a_jpeg_that_does_not_decode_is_counted_as_skipped(tmp_path, example):
+  path = _undecodable_shard(tmp_path, example)
+  batches = _all(reader.build_extraction_dataset(path, image_size=16, batch_size=8))
+  assert max(int(b["skipped"].numpy().max()) for b in batches) == 1
+
+
+def test_a_pool_where_no_jpeg_decodes_ends_instead_of_hanging(tmp_path, example):
+  """Every record passes the byte checks and none decodes: the training pipeline's repeats
+  are bounded, so it ends (short of its steps) instead of searching forever."""
+  good = jpeg_bytes(5)
+  bad = good[:20] + b"\x00" * 200 + good[-2:]
+  path = write_records(str(tmp_path / "nd-00000-of-00001.tfrecord"),
+                       [example(data=bad, image_id=i) for i in range(2)])
+  train = _all(reader.build_train_dataset(path, image_size=16, batch_size=2, steps=2, plan=None,
+                                          num_rotations=4, all_rotations=False, seed=0, epoch=0,
+                                          shuffle_buffer=8))
+  assert train == []
