@@ -23,9 +23,9 @@ Apache Beam pipeline, for every source, on any runner.
 
 Runners: the default DirectRunner runs here (Beam's FnApiRunner: `--direct_num_workers=N
 --direct_running_mode=multi_processing` for N processes); `--runner=DataflowRunner|FlinkRunner|
-SparkRunner` with Beam's own options runs the same pipeline on a cluster (see README).
+SparkRunner` with Beam's own options runs the same pipeline on a cluster (see docs/data.md).
 
-Example (the embedded demo set, see README):
+Example (the embedded demo set, see docs/data.md):
   python -m dc_tf.data.make_shards --source=tiny_imagenet \
     --input=../shared/datasets/tiny-imagenet-200/train_250per_class.zip --split=train \
     --classes=$(cat data/classes.txt | paste -sd,) --output_dir=data --name=train --num_shards=4
