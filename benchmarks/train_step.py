@@ -33,6 +33,7 @@ tf.config.set_logical_device_configuration(   # 4 replicas in one process (befor
 
 import common  # noqa: E402
 from dc_tf.config import ExperimentConfig  # noqa: E402
+from dc_tf.training import step as step_lib  # noqa: E402
 from dc_tf.training import trainer  # noqa: E402
 
 
@@ -58,7 +59,9 @@ def plain_softmax(run, classes):
     run.variables = run.trunk.trainable_variables + run.super_head.trainable_variables
     run.optimizer = optim.SGD(run.variables, cfg.train.lr, cfg.train.momentum,
                               cfg.train.weight_decay)
-  run._train_loop = run._make_train_loop()
+  run._train_loop = step_lib.TrainStep(
+      run.strategy, run.trunk, run.super_head, None, run.placement, run.optimizer, None,
+      run.global_batch, run.step, jit_compile=cfg.train.jit_compile).loop()
   return run
 
 
