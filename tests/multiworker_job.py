@@ -74,7 +74,8 @@ def fixed_global_batch(cfg):
 
 def three_steps(run, batch, init=None):
   """Loads `init` (trunk and V), runs 3 steps through distribute_datasets_from_function, each
-  replica fed its rows of the fixed global batch; returns every weight this worker holds."""
+  replica fed its rows of the fixed global batch; returns every weight this worker holds
+  (shared_i: trunk and V; piece_<name> and bias_<name>: its sub-head pieces' W and b)."""
   import tensorflow as tf
   if init is not None:
     for v, value in zip(run.variables, init):
@@ -89,7 +90,8 @@ def three_steps(run, batch, init=None):
   run._train_loop(iter(run.strategy.distribute_datasets_from_function(dataset_fn)),
                   tf.constant(3))
   out = {f"shared_{i}": v.numpy() for i, v in enumerate(run.variables)}
-  out.update({f"piece_{name}": k.numpy() for name, (_, k, _) in run.sub_heads.by_name().items()})
+  for name, (_, kernel, bias) in run.sub_heads.by_name().items():
+    out.update({f"piece_{name}": kernel.numpy(), f"bias_{name}": bias.numpy()})
   return out
 
 

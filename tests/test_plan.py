@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, cpu_strategy
-from dc_tf import plan
+from dc_tf import placement, plan
 from dc_tf.config import ExperimentConfig
 from dc_tf.models import vgg
 from dc_tf.training import trainer
@@ -48,6 +48,42 @@ def test_plan_matches_the_variables_each_of_four_replicas_holds(tmp_path):
     held = mirrored + sum(size(v) + size(run.local_optimizer.slot(v)) for v in mine)
     assert held == want, (r, held, want)
   assert p["sub_head_columns_per_replica"] == 2 * 12      # S = 8 heads over 4 replicas
+  # The same, counted by hand rather than read off the trainer (which shares the placement
+  # with the plan): 2 whole heads of k = 12 columns x (D = 64 + 1 bias) a replica.
+  trunk_trainable = sum(int(np.prod(v.shape)) for v in run.trunk.trainable_weights)
+  v_head = 64 * 8 + 8
+  assert r_bytes["sub_head_pieces"] == 4 * 2 * 12 * (64 + 1)
+  assert r_bytes["optimizer_momentum"] == r_bytes["gradients"] == 4 * (
+      trunk_trainable + v_head + 2 * 12 * 65)
+  assert p["all_heads_on_every_replica_bytes"] == 3 * 4 * 8 * 12 * 65
+
+
+@pytest.mark.parametrize("replicas,m,k,heads_held,columns", [
+    (8, 1, 13, 1, 7),     # S = 4 heads over 8 replicas: each head cut in 2 shards, 6 + 7
+    (3, 2, 12, 3, 36),    # S = 8 whole heads over 3 replicas: 3, 3 and 2 heads
+    (1, 2, 12, 8, 96),    # every head on the one replica
+])
+def test_plan_counts_each_replicas_own_pieces_by_hand(replicas, m, k, heads_held, columns):
+  """The largest replica's pieces, counted from the layout rule by hand (placement's
+  docstring): whole heads s mod R when R <= S, else a column shard of head r mod S. A plan
+  that left the pieces out, or gave every replica every head, is off by exactly those bytes."""
+  d = 64
+  cfg = ExperimentConfig().replace(
+      data={"image_size": 32}, model={"image_size": 32, "width": 0.25, "fc_dim": d},
+      clustering={"m": m, "k": k}, train={"batch_per_replica": 4}).validate()
+  p = plan.memory_plan(cfg, num_replicas=replicas, replicas_per_worker=1, num_images=1000)
+  r_bytes, s = p["per_replica_bytes"], 4 * m
+  trunk = plan.trunk_shape(32, 0.25, d, True)
+  assert p["sub_head_columns_per_replica"] == columns
+  assert r_bytes["sub_head_pieces"] == 4 * columns * (d + 1)          # float32 kernel + bias
+  assert r_bytes["super_head_V"] == 4 * (d * s + s)
+  for kind in ("optimizer_momentum", "gradients"):
+    assert r_bytes[kind] == 4 * (trunk.trainable + d * s + s + columns * (d + 1)), kind
+  assert r_bytes["total"] == sum(v for name, v in r_bytes.items() if name != "total")
+  assert p["sub_head_columns_total"] == s * k
+  assert p["all_heads_on_every_replica_bytes"] == 3 * 4 * s * k * (d + 1)
+  assert max(len(placement.HeadPlacement(s, k, replicas).pieces(r))
+             for r in range(replicas)) == heads_held
 
 
 def test_paper_preset_fits_an_80_gb_gpu_at_64_replicas():

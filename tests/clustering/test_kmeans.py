@@ -76,6 +76,66 @@ def test_kmeans_plus_plus_and_errors():
     km.DistributedKMeans(default()).fit([np.ones([50, 4], np.float32)], 3, iters=1)
 
 
+def kmeans_plus_plus_by_hand(x, ids, k, seed, sample_size):
+  """DeeperCluster's seeding as `init_centroids` defines it, in NumPy: the sample_size rows of
+  smallest seeded key (replicas.row_keys of the ids), in key order, then k-means++ (Arthur &
+  Vassilvitskii 2007) with numpy's Generator(seed): the first centre uniform, each next one
+  drawn with probability D(x)^2 / sum D^2, D the distance to the nearest centre so far."""
+  from dc_tf.clustering.replicas import row_keys
+  sample = x[np.argsort(row_keys(ids, seed))[:sample_size]].astype(np.float64)
+  rng = np.random.default_rng(seed)
+  centres = [sample[rng.integers(len(sample))]]
+  for _ in range(1, k):
+    d2 = np.min([((sample - c) ** 2).sum(1) for c in centres], axis=0)
+    centres.append(sample[rng.choice(len(sample), p=d2 / d2.sum())])
+  return np.stack(centres)
+
+
+def test_kmeans_plus_plus_is_the_keyed_sample_then_d2_draws():
+  """A seeded draw reproduced by hand, for one replica and for the rows split over two
+  (image ids as keys: the same centres whichever replica holds a row); the centres are
+  distinct rows of the data."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 3)).astype(np.float32)
+  ids = rng.permutation(1000)[:40].astype(np.int64)
+  for seed in (0, 1, 2):
+    want = kmeans_plus_plus_by_hand(x, ids, 4, seed, 12)
+    one = km.DistributedKMeans(default()).init_centroids([x], 4, seed, "kmeans++",
+                                                         sample_size=12, local_keys=[ids])
+    two = km.DistributedKMeans(two_cpus()).init_centroids(
+        [x[:25], x[25:]], 4, seed, "kmeans++", sample_size=12, local_keys=[ids[:25], ids[25:]])
+    np.testing.assert_array_equal(one, want)
+    np.testing.assert_array_equal(two, want)
+    rows = [np.flatnonzero((x == c).all(1)) for c in one]
+    assert all(len(r) == 1 for r in rows) and len({int(r[0]) for r in rows}) == 4
+
+
+def test_kmeans_plus_plus_draws_the_second_centre_by_squared_distance():
+  """The D^2 law on five points of a line, over 6000 seeds through `init_centroids`: the first
+  centre is uniform, and given it, the second lands on point j with probability
+  D(j)^2 / sum D^2 (never on the first). A chi-square over all cells, 4 + 5 x 3 = 19 degrees
+  of freedom; the seeds are fixed, so the outcome is too (p = 0.31 here; D or D^4 in place of
+  D^2 gives p < 1e-190, a uniform draw lands on the first point again)."""
+  from scipy import stats
+  x = np.array([[0.0], [1.0], [2.0], [4.0], [7.0]], np.float32)
+  fit = km.DistributedKMeans(default())
+  n = 6000
+  counts = np.zeros([5, 5])
+  for seed in range(n):
+    c = fit.init_centroids([x], 2, seed, "kmeans++")
+    first, second = (int(np.flatnonzero(x[:, 0] == v)[0]) for v in c[:, 0])
+    counts[first, second] += 1
+  assert np.trace(counts) == 0                            # never the same point twice
+  d2 = (x - x.T) ** 2
+  law = d2 / d2.sum(1, keepdims=True)
+  firsts = counts.sum(1)
+  expected = firsts[:, None] * law
+  cells = expected > 0
+  chi2 = ((counts[cells] - expected[cells]) ** 2 / expected[cells]).sum()
+  chi2 += ((firsts - n / 5) ** 2 / (n / 5)).sum()
+  assert stats.chi2.sf(chi2, 4 + 5 * 3) > 1e-3, chi2
+
+
 def test_whitening_gives_identity_covariance():
   x = blobs(3000, 8, 4) @ np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
   w = pca.fit_whitening(default(), [x])

@@ -23,6 +23,30 @@ def test_cluster_scores_match_sklearn():
   assert s["purity"] == pytest.approx(table.max(0).sum() / 200)
 
 
+def test_cluster_scores_by_hand():
+  """NMI (arithmetic-mean normalisation, scikit-learn's default), ARI and purity on labellings
+  whose values are known in closed form."""
+  a = np.array([0, 0, 1, 1, 2, 2])
+  same = metrics.cluster_scores(a, a)
+  assert same == pytest.approx({"nmi": 1.0, "ari": 1.0, "purity": 1.0})
+  assert metrics.cluster_scores(a, np.array([5, 5, 3, 3, 9, 9]))["nmi"] == pytest.approx(1.0)
+  independent = metrics.cluster_scores(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]))
+  assert independent["nmi"] == pytest.approx(0.0, abs=1e-12)
+  assert independent["ari"] == pytest.approx(-0.5)          # (0 - 2/3) / (2 - 2/3), as below
+  # true 0 0 0 1 1 1, predicted 0 0 1 1 2 2: contingency [[2, 1, 0], [0, 1, 2]]
+  t, p = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 2, 2])
+  mi = (2 * (2 / 6) * np.log((2 / 6) / (3 / 6 * 2 / 6))
+        + 2 * (1 / 6) * np.log((1 / 6) / (3 / 6 * 2 / 6)))
+  h_t, h_p = np.log(2), np.log(3)
+  s = metrics.cluster_scores(t, p)
+  assert s["nmi"] == pytest.approx(mi / ((h_t + h_p) / 2), rel=1e-12)
+  pairs = lambda n: n * (n - 1) / 2  # noqa: E731
+  index, rows, cols = 2 * pairs(2), 2 * pairs(3), 3 * pairs(2)
+  expected = rows * cols / pairs(6)
+  assert s["ari"] == pytest.approx((index - expected) / ((rows + cols) / 2 - expected))
+  assert s["purity"] == pytest.approx(5 / 6)                # column maxima 2 + 1 + 2
+
+
 def test_knn_against_brute_force():
   rng = np.random.default_rng(1)
   x, y = rng.normal(size=(60, 5)), rng.integers(0, 3, 60)
@@ -133,10 +157,37 @@ def test_twin_report_end_to_end(tiny_shards, tmp_path):
                               probe_epochs=5)
   assert set(report["results"]) == {"trained", "random"}
   assert set(report["margin_top1"]) == {"conv4", "fc7"}
-  assert 0 <= report["results"]["trained"]["clusters"]["label"]["nmi"] <= 1
-  for f in ("report.json", "report.md", "probe_layers.png", "clusters_trained.png"):
-    assert os.path.getsize(tmp_path / "eval" / f) > 0
-  assert json.load(open(tmp_path / "eval" / "report.json"))["best_layer"]["layer"] in ("conv4", "fc7")
+  # The NMI is that of k-means (k = the 3 labels, seed 0) on the test set's fc7 whitened by
+  # PCA, against its labels: recomputed here step by step.
+  import tensorflow as tf
+  from dc_tf.clustering import kmeans, pca
+  feats, _ = evaluator.features(loaded, tiny_shards, ("fc7",))
+  whitening = pca.fit_whitening(tf.distribute.get_strategy(), [feats["fc7"]], dim=16)
+  assign = kmeans.DistributedKMeans(tf.distribute.get_strategy()).fit(
+      [whitening.apply(feats["fc7"])], 3, iters=30, seed=0).assignments[0]
+  nmi = report["results"]["trained"]["clusters"]["label"]["nmi"]
+  assert report["results"]["trained"]["clusters"]["k"] == 3
+  assert nmi == pytest.approx(skm.normalized_mutual_info_score(feats["label"], assign), abs=1e-12)
+  # The files carry the report: JSON as returned, the Markdown table its numbers, real plots.
+  out = tmp_path / "eval"
+  on_disk = json.load(open(out / "report.json"))
+  assert on_disk["results"] == report["results"]          # floats round-trip JSON exactly
+  best = max(report["margin_top1"], key=report["margin_top1"].get)
+  assert on_disk["best_layer"] == {"layer": best, "margin_top1": report["margin_top1"][best]}
+  results = report["results"]
+  assert report["margin_top1"]["fc7"] == pytest.approx(
+      results["trained"]["probe"]["fc7"]["top1"] - results["random"]["probe"]["fc7"]["top1"])
+  md = open(out / "report.md").read()
+  for layer in ("conv4", "fc7"):
+    t, r = (results[n]["probe"][layer] for n in ("trained", "random"))
+    assert (f"| {t['top1']:.1f} | {t['top5']:.1f} | {r['top1']:.1f} | {r['top5']:.1f} | "
+            f"{report['margin_top1'][layer]:+.1f} |") in md, layer
+  assert (f"| NMI vs label | {nmi:.3f} | "
+          f"{results['random']['clusters']['label']['nmi']:.3f} |") in md
+  import matplotlib.pyplot as plt
+  layers_png, grid_png = (plt.imread(out / f) for f in ("probe_layers.png", "clusters_trained.png"))
+  assert layers_png.shape[:2] == (400, 700)                 # 7 x 4 in at 100 dpi
+  assert layers_png.std() > 0.05 and grid_png.std() > 0.05  # drawn, not blank
 
 
 def test_clear_errors(tmp_path, tiny_shards):
