@@ -39,7 +39,6 @@ def reassign(run: Trainer, epoch: int) -> dict:
       dtype=np.dtype(cfg.clustering.feature_dtype))
   local_f = [f.pop("fc7") for f in feats]
   local_ids = [f["image_id"] for f in feats]
-  skipped = max(f["skipped"] for f in feats)
   c = cfg.clustering
   traffic = replicas_lib.Traffic()
   with run.stopping.guard("clustering"):
@@ -50,6 +49,9 @@ def reassign(run: Trainer, epoch: int) -> dict:
         progress=run.stopping.watchdog.beat,
         fit_sample=c.fit_sample // dist.num_local_replicas(run.strategy), in_place=True,
         traffic=traffic)
+    # Each local replica's dict holds its worker's count: once a worker, summed over workers.
+    skipped = replicas_lib.Replicas.of(run.strategy).sum(
+        [[np.float64(f["skipped"] if i == 0 else 0)] for i, f in enumerate(feats)])[0]
   del local_f   # whitened in place by the clustering; not needed any more
   run.table_ids.assign(assignment.image_ids)
   run.table_super.assign(assignment.super_cluster)

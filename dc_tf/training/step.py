@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from dc_tf import placement as placement_lib
 from dc_tf.data import preprocess
 from dc_tf.training import losses, optim
 
@@ -49,6 +50,10 @@ class TrainStep:
     self.variables = trunk.trainable_variables + super_head.trainable_variables
     self._features = (tf.function(self._trunk_features, jit_compile=True) if jit_compile
                       else self._trunk_features)
+    # Every local replica reads its worker's one pipeline, whose `skipped` field is that
+    # worker's running count of bad records: one replica a worker reports it, so the
+    # cross-replica sum counts each worker once (summing all G local copies counted G times).
+    self._reporting_replica = min(placement_lib.local_replica_ids(strategy))
 
   def _trunk_features(self, images):
     """ReLU(fc7) of this replica's images. It holds no collective, so XLA can compile it,
@@ -96,7 +101,8 @@ class TrainStep:
         scale = losses.sub_head_gradient_scale(super_all, sub_all, piece.head, n)
         updates += [(local[2 * i] * scale, kernel), (local[2 * i + 1] * scale, bias)]
       self.local_optimizer.apply(updates, self.optimizer.learning_rate)
-    terms["skipped"] = tf.cast(tf.reduce_max(batch["skipped"]), tf.float32)
+    skipped = tf.cast(tf.reduce_max(batch["skipped"]), tf.float32)
+    terms["skipped"] = skipped if replica == self._reporting_replica else tf.zeros_like(skipped)
     return terms
 
   def loop(self):
