@@ -141,3 +141,73 @@ def tiny_export(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("embed_export"))
   export.export(vgg.build_trunk(32, 0.125, 32), d, image_size=32)
   return d
+
+
+# ---------------------------------------------------------------- runs shared between tests
+# Each is run once per test session and read by several tests (tests/runs.py says how).
+BAD_RECORDS = {0: 3, 1: 2}   # shard -> undecodable records at its start
+
+
+@pytest.fixture(scope="session")
+def bad_shards(tiny_shards, tmp_path_factory):
+  """tiny_shards (and their manifest: 48 images) with 3 undecodable records at the start of
+  shard 0 and 2 at the start of shard 1, so every record read after them carries their count.
+  Two workers: worker 0 reads shards 0 and 2 (3 bad), worker 1 shards 1 and 3 (2 bad)."""
+  import shutil
+  root = tmp_path_factory.mktemp("bad_shards")
+  pattern = copy_shards(tiny_shards, root)
+  shutil.copy(os.path.join(os.path.dirname(tiny_shards), "train.json"), root)
+  for shard, n in BAD_RECORDS.items():
+    bad = [schema.make_example(b"not an image", "jpeg", 40, 48, 10**6 + 10 * shard + i)
+           for i in range(n)]
+    insert_records(str(root / f"train-{shard:05d}-of-00004.tfrecord"),
+                   [ex.SerializeToString() for ex in bad], at=0)
+  return pattern
+
+
+@pytest.fixture(scope="session")
+def clean_run(tiny_shards, tmp_path_factory):
+  """runs.CLEAN (one process, 36 steps) never interrupted: what the runs that are killed,
+  sent SIGTERM or stopped by --max_minutes must end equal to. Trained here, on the command's
+  own config (runs.train_config). Its model dir."""
+  import runs
+  from dc_tf.training import trainer
+  model_dir = str(tmp_path_factory.mktemp("clean") / "run")
+  config = runs.train_config(runs.train_cmd(tiny_shards, model_dir, *runs.CLEAN))
+  trainer.Trainer(config, tf.distribute.get_strategy()).fit()
+  return model_dir
+
+
+@pytest.fixture(scope="session")
+def kill_9_runs(tiny_shards, tmp_path_factory):
+  """runs.CLEAN killed mid-epoch, resumed, killed inside a reassignment, resumed to the end."""
+  import runs
+  model_dir = str(tmp_path_factory.mktemp("kill_9") / "run")
+  return dict(runs.kill_9_twice_then_resume(tiny_shards, model_dir), model_dir=model_dir)
+
+
+@pytest.fixture(scope="session")
+def sigterm_run(tiny_shards, tmp_path_factory):
+  """runs.CLEAN sent SIGTERM in epoch 1, then resumed to the end by the same command."""
+  import runs
+  model_dir = str(tmp_path_factory.mktemp("sigterm") / "run")
+  return dict(runs.sigterm_then_resume(tiny_shards, model_dir), model_dir=model_dir)
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(bad_shards, tmp_path_factory):
+  """runs.TWO_WORKERS on bad_shards, two plain workers, never interrupted. Its model dir."""
+  import runs
+  from workers import run_workers
+  model_dir = str(tmp_path_factory.mktemp("two_workers") / "run")
+  run_workers(lambda i: runs.mw_cmd(bad_shards, model_dir, *runs.TWO_WORKERS))
+  return model_dir
+
+
+@pytest.fixture(scope="session")
+def chief_sigterm_run(bad_shards, tmp_path_factory):
+  """runs.TWO_WORKERS on bad_shards as a chief and a worker, the worker sent SIGTERM in
+  epoch 1, then both resumed to the end by the same command."""
+  import runs
+  model_dir = str(tmp_path_factory.mktemp("chief_sigterm") / "run")
+  return dict(runs.two_workers_sigterm_then_resume(bad_shards, model_dir), model_dir=model_dir)

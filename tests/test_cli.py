@@ -1,6 +1,7 @@
 """The command line speaks plainly: a user error is one line, `error: ...`, exit status 2."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -40,16 +41,24 @@ def test_a_shard_of_random_bytes_is_named(tmp_path):
   assert "1 corrupt shard file" in out.stderr and str(bad) in out.stderr, out.stderr[-2000:]
 
 
-def test_tensorflow_info_lines_are_hidden_unless_asked(tiny_shards, tmp_path):
-  args = [f"--data_pattern={tiny_shards}", f"--eval_pattern={tiny_shards}", "--mode=rotnet",
-          "--image_size=32", "--width=0.125", "--fc_dim=32", "--epochs=1", "--epoch_size=8",
-          "--batch_per_replica=8", "--knn_monitor=false"]
-  quiet = run("train.py", *args, f"--model_dir={tmp_path}/q")
+def test_tensorflow_info_lines_are_hidden_unless_asked(sigterm_run):
+  """Read from the two train.py runs of conftest's sigterm_run, started as a user's shell
+  starts them (no TF_CPP_MIN_LOG_LEVEL): the resume (checkpoints, then the export) with the
+  default verbosity, and the interrupted run (checkpoints) with --verbosity=1."""
+  quiet = sigterm_run["resume"]
   assert quiet.returncode == 0, quiet.stderr[-2000:]
   assert "functional_saver.py" not in quiet.stderr and "fingerprint" not in quiet.stderr
   assert '"event": "epoch"' in quiet.stderr             # our own log lines stay
-  loud = run("train.py", *args, f"--model_dir={tmp_path}/l", "--verbosity=1")
-  assert "functional_saver.py" in loud.stderr
+  assert "exported to" in quiet.stderr                  # the export's lines were hidden
+  loud = sigterm_run["stderr"]
+  assert "functional_saver.py" in loud
+  # issue 28: the first screen is ours (the config line, the progress bar), no line from TF's
+  # C++ logging (oneDNN and CPU-feature notes, absl's InitializeLog warning) unless asked
+  cxx = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+\.(cc|h):\d+\]|absl::InitializeLog")
+  first = quiet.stderr.splitlines()[:20]
+  assert not [l for l in first if cxx.search(l)], first
+  assert any("full config in" in l for l in first[:3]), first   # the one-line config summary
+  assert [l for l in loud.splitlines()[:20] if cxx.search(l)], loud.splitlines()[:20]
 
 
 def preset(name):

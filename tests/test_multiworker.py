@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
+from runs import table
 from workers import run_workers
 
 pytestmark = pytest.mark.slow
@@ -44,49 +45,29 @@ def test_two_workers_of_two_devices_extract_and_cluster_like_one_process(tiny_sh
   assert rows == 48
 
 
-def test_two_worker_training_ends_with_identical_weights(tiny_shards, tmp_path):
-  model_dir = tmp_path / "mw"
-  cmd = [os.path.join(REPO, "train.py"), f"--data_pattern={tiny_shards}",
-         f"--eval_pattern={tiny_shards}", f"--model_dir={model_dir}", "--image_size=32",
-         "--width=0.125", "--fc_dim=32", "--m=2", "--k=3", "--reassign_every=1", "--pca_dim=8",
-         "--kmeans_iters=3", "--batch_per_replica=8", "--lr=0.02", "--steps_per_loop=2",
-         "--epochs=2", "--epoch_size=24", "--knn_monitor=false", "--collective_timeout=120",
-         "--rotnet_warmup_epochs=0"]
-  run_workers(lambda i: cmd)
-  log = [json.loads(l) for l in open(model_dir / "log.jsonl")]
-  assert [r["event"] for r in log] == ["reassign", "epoch", "reassign", "epoch"]
-  chief = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
-  other = tf.train.latest_checkpoint(str(model_dir / "tmp" / "worker-1"))
-  assert chief.rsplit("-", 1)[1] == other.rsplit("-", 1)[1]
+def test_two_worker_training_ends_with_identical_weights_and_counts_every_bad_record(
+    two_worker_run):
+  """conftest's two_worker_run: 2 plain workers, 3 epochs, on shards where worker 0's hold 3
+  undecodable records and worker 1's 2. Both workers run the same steps (else the
+  collectives would hang) and end with the same weights and table; every record is
+  counted (skipped_records: the sum over the workers' shards, in the training epochs and in
+  the reassignments)."""
+  from conftest import BAD_RECORDS
+  model_dir = two_worker_run
+  log = [json.loads(l) for l in open(os.path.join(model_dir, "log.jsonl"))]
+  assert [r["event"] for r in log] == ["reassign", "epoch", "epoch", "reassign", "epoch"]
+  chief = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
+  other = tf.train.latest_checkpoint(os.path.join(model_dir, "tmp", "worker-1"))
+  assert chief.rsplit("-", 1)[1] == other.rsplit("-", 1)[1] == str(log[-1]["step"])
   r1, r2 = tf.train.load_checkpoint(chief), tf.train.load_checkpoint(other)
   names = [n for n, _ in tf.train.list_variables(chief) if n.startswith(("trunk/", "super_head/", "table"))]
   assert len(names) > 20
   for n in names:
     np.testing.assert_array_equal(r1.get_tensor(n), r2.get_tensor(n), err_msg=n)
-
-
-def test_bad_records_on_one_worker_keep_workers_in_step(tmp_path, example):
-  """4 shards: worker 0 reads shards 0 and 2; shard 0 holds corrupt records. Both workers
-  must run the same steps (else the collectives would hang) and the skips are counted."""
-  from conftest import write_image_folder
-  from dc_tf.data import make_shards
-  make_shards.write_shards("folder", write_image_folder(str(tmp_path / "img"), 3, 8),
-                           str(tmp_path / "s"), "train", 4)
-  from conftest import insert_records
-  insert_records(str(tmp_path / "s" / "train-00000-of-00004.tfrecord"),
-                 [example(data=b"not an image", image_id=10**6 + i).SerializeToString()
-                  for i in range(3)])
-  model_dir = tmp_path / "run"
-  cmd = [os.path.join(REPO, "train.py"), f"--data_pattern={tmp_path}/s/train-*",
-         f"--eval_pattern={tmp_path}/s/train-*", f"--model_dir={model_dir}", "--mode=rotnet",
-         "--image_size=32", "--width=0.125", "--fc_dim=32", "--batch_per_replica=8",
-         "--steps_per_loop=1", "--epochs=1", "--knn_monitor=false", "--collective_timeout=120"]
-  run_workers(lambda i: cmd)
-  log = [json.loads(l) for l in open(model_dir / "log.jsonl")]
-  assert log[-1]["skipped_records"] >= 3
-  chief = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
-  other = tf.train.latest_checkpoint(str(model_dir / "tmp" / "worker-1"))
-  assert chief.rsplit("-", 1)[1] == other.rsplit("-", 1)[1] == str(log[-1]["step"])
+  bad = sum(BAD_RECORDS.values())
+  assert [r["skipped_records"] for r in log if r["event"] == "epoch"] == [bad] * 3
+  assert [r["skipped_records"] for r in log if r["event"] == "reassign"] == [bad] * 2
+  assert [r["images"] for r in log if r["event"] == "reassign"] == [48, 48]
 
 
 def test_worker_index_counts_a_chief_once():
@@ -108,22 +89,14 @@ def test_worker_index_counts_a_chief_once():
     dist.worker_index(evaluator)
 
 
-def test_chief_and_worker_build_the_table_of_two_plain_workers(tiny_shards, tmp_path):
-  """Chief + 1 worker read disjoint shards (a chief counted as worker 0 would read shards 0
-  and 2 twice) and build the same id -> cluster table as 2 plain workers."""
-  def cmd(model_dir):
-    return [os.path.join(REPO, "train.py"), f"--data_pattern={tiny_shards}",
-            f"--model_dir={model_dir}", "--image_size=32", "--width=0.125", "--fc_dim=32",
-            "--m=2", "--k=3", "--pca_dim=8", "--kmeans_iters=3", "--batch_per_replica=8",
-            "--epochs=1", "--epoch_size=16", "--knn_monitor=false", "--rotnet_warmup_epochs=0",
-            "--collective_timeout=120"]
-  tables = []
-  for name, chief in (("plain", False), ("chief", True)):
-    run_workers(lambda i: cmd(tmp_path / name), chief=chief)
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / name / "ckpt")))
-    tables.append([reader.get_tensor(f"table_{c}/.ATTRIBUTES/VARIABLE_VALUE")
-                   for c in ("ids", "super", "sub")])
-    assert os.path.isdir(tmp_path / name / "tmp" / "worker-1")   # the non-chief's copy
+def test_chief_and_worker_build_the_table_of_two_plain_workers(chief_sigterm_run, two_worker_run):
+  """Chief + 1 worker (conftest's chief_sigterm_run, interrupted and resumed) read disjoint
+  shards (a chief counted as worker 0 would read shards 0 and 2 twice) and build the same
+  id -> cluster table as 2 plain workers (two_worker_run, the same command); their weights
+  are compared in tests/test_multiworker_faults.py."""
+  model_dir = chief_sigterm_run["model_dir"]
+  assert os.path.isdir(os.path.join(model_dir, "tmp", "worker-1"))   # the non-chief's copy
+  tables = [table(two_worker_run), table(model_dir)]
   assert len(tables[0][0]) == 48 == len(np.unique(tables[1][0]))
   for a, b in zip(*tables):
     np.testing.assert_array_equal(a, b)

@@ -3,30 +3,17 @@ worker, and resuming with another worker count (issue 9)."""
 
 import json
 import os
+import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from runs import assert_same_final_weights, iterations, mw_cmd
 from workers import output, run_workers, start_workers, wait_all, wait_for
 
 pytestmark = pytest.mark.slow
-STEPS_PER_EPOCH = 12   # 48 images; global batch 16 = 4 images x 4 rotations
-
-
-def mw_cmd(data, model_dir, *extra):
-  return [os.path.join(REPO, "train.py"), f"--data_pattern={data}", f"--eval_pattern={data}",
-          f"--model_dir={model_dir}", "--image_size=32", "--width=0.125", "--fc_dim=32", "--m=2",
-          "--k=3", "--reassign_every=1", "--pca_dim=8", "--kmeans_iters=3",
-          "--batch_per_replica=8", "--lr=0.02", "--steps_per_loop=1", "--knn_monitor=false",
-          "--collective_timeout=60", "--checkpoint_every=0", "--seed=3",
-          # pinned, so that changes to the demo preset (applied first) do not change the test
-          "--rotnet_warmup_epochs=0", "--dropout=0", "--epoch_size=0", "--all_rotations=true",
-          *extra]
 
 
 def epochs_logged(model_dir):
@@ -36,37 +23,31 @@ def epochs_logged(model_dir):
   return sum('"event": "epoch"' in line for line in open(path))
 
 
-def iterations(ckpt_dir):
-  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt_dir)))
-  return int(reader.get_tensor("optimizer/iterations/.ATTRIBUTES/VARIABLE_VALUE"))
-
-
-def test_sigterm_to_one_worker_saves_all_at_one_step_and_resume_loses_none(tiny_shards, tmp_path):
-  model_dir = tmp_path / "term"
-  epochs = 8     # enough steps after the first epoch that the signal lands mid-training
-  cmd = mw_cmd(tiny_shards, model_dir, f"--epochs={epochs}", "--reassign_every=2")
-  procs = start_workers(lambda i: cmd)
-  wait_for(lambda: epochs_logged(model_dir) >= 1, 300, "the first epoch")
-  t0 = time.time()
-  procs[1].send_signal(signal.SIGTERM)              # the non-chief worker is preempted
-  codes, outs = wait_all(procs, 120)
-  assert codes == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-  assert time.time() - t0 < 60
-  assert "preempted" in outs[0]                     # the chief learned it through the agreement
-  chief, other = iterations(model_dir / "ckpt"), iterations(model_dir / "tmp" / "worker-1")
-  assert chief == other and 0 < chief < epochs * STEPS_PER_EPOCH
-  run_workers(lambda i: cmd)
-  total = epochs * STEPS_PER_EPOCH                  # what an uninterrupted run does
-  assert iterations(model_dir / "ckpt") == iterations(model_dir / "tmp" / "worker-1") == total
-  log = [json.loads(l) for l in open(model_dir / "log.jsonl")]
-  assert log[-1]["step"] == total                   # none lost, none repeated
-  assert sorted(r["epoch"] for r in log if r["event"] == "reassign") == [0, 2, 4, 6]
+def test_sigterm_to_one_worker_saves_all_at_one_step_and_resume_loses_none(chief_sigterm_run,
+                                                                           two_worker_run):
+  """conftest's chief_sigterm_run: a chief and a worker, the worker sent SIGTERM once a step
+  of epoch 1 is done; both save at one step, and the same command ends with the weights of
+  the same command never interrupted (two_worker_run, as two plain workers: the layout
+  changes nothing either, tests/test_multiworker.py compares the tables)."""
+  run, model_dir = chief_sigterm_run, chief_sigterm_run["model_dir"]
+  assert run["stop_seconds"] < 60
+  assert "preempted" in run["outputs"][0]           # the chief learned it through the agreement
+  chief, other = run["stopped_at"]
+  total = 3 * 6                                     # runs.TWO_WORKERS: 3 epochs of 6 steps
+  assert chief == other and 6 < chief < total
+  assert run["log_at_stop"][-1]["step"] == chief
+  assert iterations(os.path.join(model_dir, "ckpt")) == total
+  assert iterations(os.path.join(model_dir, "tmp", "worker-1")) == total
+  log = [json.loads(l) for l in open(os.path.join(model_dir, "log.jsonl"))]
+  assert log[-1]["step"] == total
+  assert sorted(r["epoch"] for r in log if r["event"] == "reassign") == [0, 2]
+  assert_same_final_weights(model_dir, two_worker_run)
 
 
 def test_stopped_worker_makes_the_other_fail_within_the_timeout(tiny_shards, tmp_path):
   model_dir = tmp_path / "stop"
   procs = start_workers(lambda i: mw_cmd(tiny_shards, model_dir, "--epochs=40",
-                                         "--collective_timeout=10"))
+                                         "--epoch_size=8", "--collective_timeout=10"))
   try:
     wait_for(lambda: epochs_logged(model_dir) >= 1, 300, "the first epoch")
     os.kill(procs[1].pid, signal.SIGSTOP)
@@ -104,31 +85,43 @@ def test_exception_on_one_worker_is_reported_by_every_worker(tiny_shards, tmp_pa
   print(f"both workers failed within {time.time() - t0:.1f} s")
 
 
-def _single(data, model_dir, *extra):
-  return subprocess.run([sys.executable, *mw_cmd(data, model_dir, *extra)], capture_output=True,
-                        text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-
-
-def test_resume_with_another_worker_count(tiny_shards, tmp_path):
+def test_resume_with_another_worker_count_and_a_worker_on_an_older_checkpoint_is_refused(
+    tiny_shards, tmp_path):
+  """2 workers -> 1 -> 2 on one model dir (epochs of 4 steps), and on the way: another global
+  batch is refused, and so are two workers that restored different checkpoints (one reads a
+  copy of the run taken before the 1-worker resume: Trainer's check that all workers agree).
+  The 1-worker runs are this process's, on the 2-worker command's config."""
+  from dc_tf.training import checkpointing, trainer
+  steps = 4                                         # --epoch_size=16: 4 images x 4 rotations a step
+  cmd = lambda d, *extra: mw_cmd(tiny_shards, d, "--epoch_size=16", *extra)  # noqa: E731
   # 2 -> 1 with the same global batch (16) resumes where the two workers stopped.
-  a = tmp_path / "two_to_one"
-  run_workers(lambda i: mw_cmd(tiny_shards, a, "--epochs=1"))
-  done = _single(tiny_shards, a, "--epochs=2", "--batch_per_replica=16")
-  assert done.returncode == 0, done.stderr[-2000:]
+  a = tmp_path / "run"
+  run_workers(lambda i: cmd(a, "--epochs=1"))
+  older = shutil.copytree(a, tmp_path / "older")
+  one = checkpointing.read_config(str(a)).replace(train={"epochs": 2, "batch_per_replica": 16})
+  trainer.Trainer(one, tf.distribute.get_strategy()).fit()
   log = [json.loads(l) for l in open(a / "log.jsonl")]
   assert [(r["event"], r["epoch"]) for r in log] == [
       ("reassign", 0), ("epoch", 0), ("reassign", 1), ("epoch", 1)]
-  assert log[-1]["step"] == 2 * STEPS_PER_EPOCH and log[2]["images"] == 48  # global table
+  assert log[-1]["step"] == 2 * steps and log[2]["images"] == 48  # global table
   # ... and with another global batch it refuses, naming both.
-  refused = _single(tiny_shards, a, "--epochs=3", "--batch_per_replica=8")
-  assert refused.returncode != 0 and "global batch of 16" in refused.stderr
-  assert "this run has 8" in refused.stderr
-  # 1 -> 2: both workers resume from the chief's checkpoint.
-  b = tmp_path / "one_to_two"
-  done = _single(tiny_shards, b, "--epochs=1", "--batch_per_replica=16")
-  assert done.returncode == 0, done.stderr[-2000:]
-  run_workers(lambda i: mw_cmd(tiny_shards, b, "--epochs=2"))
-  assert iterations(b / "ckpt") == iterations(b / "tmp" / "worker-1") == 2 * STEPS_PER_EPOCH
-  log = [json.loads(l) for l in open(b / "log.jsonl")]
+  with pytest.raises(checkpointing.CheckpointError, match="global batch of 16.*this run has 8"):
+    trainer.Trainer(one.replace(train={"batch_per_replica": 8}),
+                    tf.distribute.get_strategy()).restore()
+  logged = (a / "log.jsonl").read_text()
+  # Workers that restored different states refuse to train, each naming its own: worker 1
+  # reads the older copy (step 4), the chief the 1-worker run's checkpoint (step 8).
+  codes, outs = wait_all(start_workers(lambda i: cmd(older if i else a, "--epochs=3")),
+                         timeout=240)
+  assert codes[0] == codes[1] == 2, outs
+  for i, (step, epoch) in enumerate([(2 * steps, 1), (steps, 0)]):
+    assert "workers resumed from different checkpoints" in outs[i], outs[i][-2000:]
+    assert f"worker {i} has step {step}, assignment epoch {epoch}, 48 table rows" in outs[i]
+    assert "the mean over workers is step 6.0" in outs[i]
+  assert (a / "log.jsonl").read_text() == logged               # nothing trained, nothing logged
+  # 1 -> 2: both workers resume from the chief's checkpoint (the 1-worker run's).
+  run_workers(lambda i: cmd(a, "--epochs=3"))
+  assert iterations(a / "ckpt") == iterations(a / "tmp" / "worker-1") == 3 * steps
+  log = [json.loads(l) for l in open(a / "log.jsonl")]
   assert [(r["event"], r["epoch"]) for r in log] == [
-      ("reassign", 0), ("epoch", 0), ("reassign", 1), ("epoch", 1)]
+      ("reassign", 0), ("epoch", 0), ("reassign", 1), ("epoch", 1), ("reassign", 2), ("epoch", 2)]

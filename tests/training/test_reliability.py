@@ -1,7 +1,6 @@
 """Faults: SIGTERM, changed global batch, collapse alarms, export scans."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,47 +10,56 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from test_trainer import _train_cmd, read_log, tiny_config
+from runs import assert_same_final_weights, iterations, read_log, table, train_cmd
+from test_trainer import tiny_config
 from dc_tf import export
 from dc_tf.clustering import extract
-from dc_tf.training import trainer
-
-
-def _iterations(model_dir):
-  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt")))
-  return int(reader.get_tensor("optimizer/iterations/.ATTRIBUTES/VARIABLE_VALUE"))
-
-
-def _epochs_logged(model_dir) -> int:
-  try:
-    return sum(r["event"] == "epoch" for r in read_log(model_dir))
-  except (OSError, ValueError):  # not written yet, or a line being written
-    return 0
+from dc_tf.training import checkpointing, trainer
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_resume_loses_no_step(tiny_shards, tmp_path):
-  model_dir = str(tmp_path / "term")
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  epochs = 8   # 96 steps: the signal lands mid-training however fast the machine
-  cmd = _train_cmd(tiny_shards, model_dir, f"--epochs={epochs}", "--checkpoint_every=0")
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  # Mid-training, however slow or busy the machine: once the first epoch (12 steps) is logged.
-  # (A fixed sleep after the log appeared landed before the first step on a loaded machine.)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None and not _epochs_logged(model_dir):
-    time.sleep(0.05)
-  assert proc.poll() is None and _epochs_logged(model_dir), "training ended or never logged"
-  t0 = time.time()
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-2000:]
-  assert time.time() - t0 < 60
-  stopped_at = _iterations(model_dir)
-  assert 0 < stopped_at < 12 * epochs
-  subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=400)
-  assert _iterations(model_dir) == 12 * epochs     # none lost, none repeated
-  assert read_log(model_dir)[-1]["step"] == 12 * epochs
+def test_sigterm_saves_and_resume_loses_no_step(sigterm_run, clean_run):
+  """SIGTERM once a step of epoch 1 is done (conftest's sigterm_run, without periodic
+  checkpoints): a save at the step the run stopped, then the same command ends with the
+  uninterrupted run's weights, so no step was lost, repeated or fed other data."""
+  assert sigterm_run["returncode"] == 0, sigterm_run["stderr"][-2000:]
+  assert sigterm_run["stop_seconds"] < 60
+  stopped_at = sigterm_run["stopped_at"]
+  assert 12 < stopped_at < 36                       # inside epoch 1 or 2: the stop's own save
+  assert sigterm_run["log_at_stop"][-1]["step"] == stopped_at
+  resume, model_dir = sigterm_run["resume"], sigterm_run["model_dir"]
+  assert resume.returncode == 0, resume.stderr[-2000:]
+  ckpt = os.path.join(model_dir, "ckpt")
+  assert iterations(ckpt) == 36 and read_log(model_dir)[-1]["step"] == 36
+  assert os.path.isfile(os.path.join(model_dir, "export", "model_card.json"))   # then exported
+  assert_same_final_weights(model_dir, clean_run)
+
+
+@pytest.mark.slow
+def test_max_minutes_stops_saves_and_the_same_call_resumes_to_the_uninterrupted_weights(
+    clean_run, tmp_path, monkeypatch):
+  """Trainer.fit(max_seconds) (train.py's --max_minutes) on the uninterrupted run's config:
+  the stop agreement's clock passes the deadline once step 15 is done (inside epoch 1, between
+  two periodic checkpoints), so the run saves there and stops; the same call again resumes to
+  the total and ends with the uninterrupted run's weights."""
+  from types import SimpleNamespace
+  from dc_tf.training import stopping
+  cfg = checkpointing.read_config(clean_run).replace(train={"model_dir": str(tmp_path / "mm")})
+  run = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  real = time.time
+  monkeypatch.setattr(stopping, "time", SimpleNamespace(
+      time=lambda: real() + (1e9 if int(run.step.numpy()) >= 15 else 0)))
+  history = run.fit(max_seconds=600)
+  assert run.out_of_time and not run.preempted
+  ckpt = os.path.join(cfg.train.model_dir, "ckpt")
+  assert int(run.step.numpy()) == 15 == history[-1]["step"] == iterations(ckpt)
+  monkeypatch.undo()
+  again = trainer.Trainer(cfg, tf.distribute.get_strategy())
+  again.fit(max_seconds=600)
+  assert not again.out_of_time and iterations(ckpt) == 36
+  assert [(r["event"], r["epoch"]) for r in read_log(cfg.train.model_dir)] == [
+      ("reassign", 0), ("epoch", 0), ("epoch", 1), ("epoch", 1), ("reassign", 2), ("epoch", 2)]
+  assert_same_final_weights(cfg.train.model_dir, clean_run)
 
 
 def test_changed_global_batch_is_refused(tiny_shards, tmp_path):
@@ -114,46 +122,21 @@ def test_pool_without_a_decodable_image_fails_instead_of_hanging(tmp_path, examp
     trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
 
 
-def _text(path):
-  return open(path).read() if os.path.exists(path) else ""
-
-
-def _table(model_dir):
-  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt")))
-  return [reader.get_tensor(f"{n}/.ATTRIBUTES/VARIABLE_VALUE")
-          for n in ("table_ids", "table_super", "table_sub")]
-
-
 @pytest.mark.slow
-def test_kill_9_during_reassignment_then_resume_gives_the_clean_assignments(tiny_shards, tmp_path):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  # T=2: reassignments at epochs 0 and 2; many Lloyd iterations keep the k-means busy long
-  # enough to be killed inside it.
-  extra = ("--epochs=3", "--kmeans_iters=200")
-  clean = str(tmp_path / "clean")
-  subprocess.run(_train_cmd(tiny_shards, clean, *extra), env=env, check=True,
-                 capture_output=True, timeout=400)
-  model_dir, err = str(tmp_path / "killed"), str(tmp_path / "killed.err")
-  with open(err, "w") as f:
-    proc = subprocess.Popen(_train_cmd(tiny_shards, model_dir, *extra), env=env,
-                            stdout=subprocess.DEVNULL, stderr=f)
-    deadline = time.time() + 300
-    while time.time() < deadline and "reassignment at epoch 2" not in _text(err):
-      time.sleep(0.05)
-    time.sleep(0.3)
-    proc.kill()
-    proc.wait()
-  assert "reassignment at epoch 2" in _text(err)
-  log = read_log(model_dir)
+def test_kill_9_during_reassignment_then_resume_gives_the_clean_assignments(kill_9_runs,
+                                                                           clean_run):
+  """kill -9 as soon as the reassignment at epoch 2 has begun (the second kill of conftest's
+  kill_9_runs; the first is tests/training/test_trainer.py's): the checkpoint before it is
+  valid, and the resumed run redoes the reassignment into the uninterrupted run's table."""
+  assert "reassignment at epoch 2" in kill_9_runs["second_stderr"]
+  log = kill_9_runs["log_after_second_kill"]
   assert ("reassign", 2) not in [(r["event"], r["epoch"]) for r in log]   # killed inside it
-  latest = tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
-  reader = tf.train.load_checkpoint(latest)                               # valid, loads
-  assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 24
-  subprocess.run(_train_cmd(tiny_shards, model_dir, *extra), env=env, check=True,
-                 capture_output=True, timeout=400)
-  assert read_log(model_dir)[-1]["step"] == read_log(clean)[-1]["step"] == 36
-  for got, want in zip(_table(model_dir), _table(clean)):
-    np.testing.assert_array_equal(got, want)                            # same assignments
+  assert kill_9_runs["step_after_second_kill"] == 24                       # valid, loads
+  assert all(kill_9_runs["tensors_after_second_kill"].values())
+  model_dir = kill_9_runs["model_dir"]
+  assert read_log(model_dir)[-1]["step"] == read_log(clean_run)[-1]["step"] == 36
+  for got, want in zip(table(model_dir), table(clean_run)):
+    np.testing.assert_array_equal(got, want)                              # same assignments
 
 
 @pytest.mark.slow
@@ -162,8 +145,8 @@ def test_kill_9_during_a_checkpoint_save_leaves_a_valid_checkpoint(tiny_shards, 
   model_dir = str(tmp_path / "save")
   ckpt_dir = os.path.join(model_dir, "ckpt")
   # fc 4096: ~17M parameters plus momentum, so that a save takes long enough to be hit.
-  cmd = _train_cmd(tiny_shards, model_dir, "--mode=rotnet", "--epochs=1", "--fc_dim=4096",
-                   "--checkpoint_every=3")
+  cmd = train_cmd(tiny_shards, model_dir, "--mode=rotnet", "--epochs=1", "--fc_dim=4096",
+                  "--checkpoint_every=3")
 
   def saving_after_a_first_checkpoint():
     names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
@@ -179,8 +162,9 @@ def test_kill_9_during_a_checkpoint_save_leaves_a_valid_checkpoint(tiny_shards, 
   reader = tf.train.load_checkpoint(latest)
   for name, _ in tf.train.list_variables(latest):                         # every tensor reads
     reader.get_tensor(name)
-  subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=400)
-  assert _iterations(model_dir) == 12 and read_log(model_dir)[-1]["step"] == 12
+  # The command's own config (train.py writes it first), resumed here: no start-up, no export.
+  trainer.Trainer(checkpointing.read_config(model_dir), tf.distribute.get_strategy()).fit()
+  assert iterations(ckpt_dir) == 12 and read_log(model_dir)[-1]["step"] == 12
 
 
 def test_resume_on_another_replica_count_recuts_the_sub_heads(tiny_shards, tmp_path):
