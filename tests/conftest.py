@@ -171,9 +171,10 @@ def clean_run(tiny_shards, tmp_path_factory):
   sent SIGTERM or stopped by --max_minutes must end equal to. Trained here, on the command's
   own config (runs.train_config). Its model dir."""
   import runs
-  from dc_tf.training import trainer
+  from dc_tf.training import checkpointing, trainer
   model_dir = str(tmp_path_factory.mktemp("clean") / "run")
   config = runs.train_config(runs.train_cmd(tiny_shards, model_dir, *runs.CLEAN))
+  checkpointing.write_config(model_dir, config)      # as train.py does
   trainer.Trainer(config, tf.distribute.get_strategy()).fit()
   return model_dir
 
