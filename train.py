@@ -71,6 +71,8 @@ def main(argv):
     logging.warning("preempted: checkpoint saved at step %d; re-run the same command to resume",
                     int(run.step.numpy()))
     return
+  if not flags.FLAGS.export:
+    return
   export_dir = config.train.export_dir or os.path.join(config.train.model_dir, "export")
   card = run.export(export_dir)
   if card:

@@ -83,6 +83,8 @@ def define_train_flags() -> None:
                     "Refuse to start from random weights: a new run needs --init_checkpoint "
                     "(the paper's DeeperCluster starts from RotNet).")
   flags.DEFINE_string("export_dir", _T.export_dir, "Export here at the end ('' = MODEL_DIR/export).")
+  flags.DEFINE_bool("export", True, "Export when training ends; false: the checkpoints only "
+                    "(python -m dc_tf.export --model_dir=... exports them later).")
   flags.DEFINE_bool("knn_monitor", _T.knn_monitor, "kNN on --eval_pattern at each reassignment.")
   flags.DEFINE_float("collective_timeout", _T.collective_timeout,
                      "Multi-worker: a worker whose collectives make no progress for this many "

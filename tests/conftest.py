@@ -181,7 +181,8 @@ def clean_run(tiny_shards, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def kill_9_runs(tiny_shards, tmp_path_factory):
-  """runs.CLEAN killed mid-epoch, resumed, killed inside a reassignment, resumed to the end."""
+  """runs.CLEAN killed mid-epoch, resumed, killed inside a reassignment, resumed (in this
+  process) until a --max_minutes stop, resumed to the end."""
   import runs
   model_dir = str(tmp_path_factory.mktemp("kill_9") / "run")
   return dict(runs.kill_9_twice_then_resume(tiny_shards, model_dir), model_dir=model_dir)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import tensorflow as tf
@@ -17,8 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The uninterrupted single-process run the fault tests compare with (36 steps: 3 epochs of 12,
 # reassignments at epochs 0 and 2); dropout off, as its state is not checkpointed.
 CLEAN = ("--epochs=3", "--dropout=0")
-# The same for two workers (18 steps: 3 epochs of 6, reassignments at epochs 0 and 2).
-TWO_WORKERS = ("--epochs=3", "--epoch_size=24", "--reassign_every=2")
+# The same for two workers (12 steps: 2 epochs of 6, a reassignment at each).
+TWO_WORKERS = ("--epochs=2", "--epoch_size=24")
 
 
 def train_cmd(data, model_dir, *extra):
@@ -136,11 +137,13 @@ def assert_same_final_weights(got_dir, want_dir, rtol=1e-4, atol=1e-6):
     np.testing.assert_array_equal(a, b)
 
 
-def kill_9_twice_then_resume(data, model_dir):
+def kill_9_twice_then_resume(data, model_dir, stop_at=29):
   """runs.CLEAN killed (SIGKILL) twice, each time resumed by the same command: first once a
   checkpoint inside epoch 0 is written (checkpoints every 2 steps), then as soon as the
-  reassignment at epoch 2 has begun; the last resume, on the command's config (train.py
-  writes it first) in this process, runs to the end. Returns what each kill left."""
+  reassignment at epoch 2 has begun. Then, in this process, on the command's config (train.py
+  writes it first): Trainer.fit(max_seconds) whose stop agreement sees the clock pass the
+  deadline once step `stop_at` is done (inside epoch 2, between two periodic checkpoints),
+  and the same call again, to the end. Returns what each interruption left."""
   cmd = train_cmd(data, model_dir, *CLEAN)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   ckpt_dir = os.path.join(model_dir, "ckpt")
@@ -167,8 +170,22 @@ def kill_9_twice_then_resume(data, model_dir):
              step_after_second_kill=int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")),
              tensors_after_second_kill={n: reader.get_tensor(n) is not None
                                         for n, _ in tf.train.list_variables(latest)})
-  from dc_tf.training import checkpointing, trainer
-  trainer.Trainer(checkpointing.read_config(model_dir), tf.distribute.get_strategy()).fit()
+  from dc_tf.training import checkpointing, stopping, trainer
+  config = checkpointing.read_config(model_dir)
+  run = trainer.Trainer(config, tf.distribute.get_strategy())
+  real = stopping.time
+  stopping.time = types.SimpleNamespace(
+      time=lambda: real.time() + (1e9 if int(run.step.numpy()) >= stop_at else 0))
+  try:
+    history = run.fit(max_seconds=600)
+  finally:
+    stopping.time = real
+  out["max_minutes"] = {"out_of_time": run.out_of_time, "preempted": run.preempted,
+                        "step": int(run.step.numpy()), "history": history,
+                        "saved_at": latest_step(ckpt_dir)}
+  again = trainer.Trainer(config, tf.distribute.get_strategy())
+  again.fit(max_seconds=600)
+  out["max_minutes"]["out_of_time_again"] = again.out_of_time
   return out
 
 
@@ -202,9 +219,9 @@ def sigterm_then_resume(data, model_dir):
 def two_workers_sigterm_then_resume(data, model_dir):
   """TWO_WORKERS as TF_CONFIG's chief (process 0) and one worker, the worker sent SIGTERM once
   a step of epoch 1 is done (as the chief's progress bar shows), then the same command on
-  both to the end."""
+  both to the end (--export=false: the uninterrupted run exports)."""
   from workers import run_workers, start_workers, wait_all
-  cmd = mw_cmd(data, model_dir, *TWO_WORKERS)
+  cmd = mw_cmd(data, model_dir, *TWO_WORKERS, "--export=false")
   procs = start_workers(lambda i: cmd, chief=True)
   try:
     wait_for(lambda: steps_shown(text(procs[0].log.name), 1) >= 1, 300, "a step of epoch 1",

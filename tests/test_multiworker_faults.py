@@ -10,17 +10,17 @@ import time
 import pytest
 import tensorflow as tf
 
-from runs import assert_same_final_weights, iterations, mw_cmd
+from runs import TWO_WORKERS, assert_same_final_weights, iterations, mw_cmd
 from workers import output, run_workers, start_workers, wait_all, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def epochs_logged(model_dir):
+def logged(model_dir, event):
   path = os.path.join(model_dir, "log.jsonl")
   if not os.path.exists(path):
     return 0
-  return sum('"event": "epoch"' in line for line in open(path))
+  return sum(f'"event": "{event}"' in line for line in open(path))
 
 
 def test_sigterm_to_one_worker_saves_all_at_one_step_and_resume_loses_none(chief_sigterm_run,
@@ -33,23 +33,26 @@ def test_sigterm_to_one_worker_saves_all_at_one_step_and_resume_loses_none(chief
   assert run["stop_seconds"] < 60
   assert "preempted" in run["outputs"][0]           # the chief learned it through the agreement
   chief, other = run["stopped_at"]
-  total = 3 * 6                                     # runs.TWO_WORKERS: 3 epochs of 6 steps
+  total = 2 * 6                                     # runs.TWO_WORKERS: 2 epochs of 6 steps
   assert chief == other and 6 < chief < total
   assert run["log_at_stop"][-1]["step"] == chief
   assert iterations(os.path.join(model_dir, "ckpt")) == total
   assert iterations(os.path.join(model_dir, "tmp", "worker-1")) == total
   log = [json.loads(l) for l in open(os.path.join(model_dir, "log.jsonl"))]
   assert log[-1]["step"] == total
-  assert sorted(r["epoch"] for r in log if r["event"] == "reassign") == [0, 2]
+  assert sorted(r["epoch"] for r in log if r["event"] == "reassign") == [0, 1]
+  assert not os.path.exists(os.path.join(model_dir, "export"))       # --export=false
   assert_same_final_weights(model_dir, two_worker_run)
 
 
 def test_stopped_worker_makes_the_other_fail_within_the_timeout(tiny_shards, tmp_path):
   model_dir = tmp_path / "stop"
   procs = start_workers(lambda i: mw_cmd(tiny_shards, model_dir, "--epochs=40",
-                                         "--epoch_size=8", "--collective_timeout=10"))
+                                         "--collective_timeout=10"))
   try:
-    wait_for(lambda: epochs_logged(model_dir) >= 1, 300, "the first epoch")
+    # Once the first reassignment is logged, the chief's next collective is the stop
+    # agreement, already called (and so given no first-call grace) by the resume check.
+    wait_for(lambda: logged(model_dir, "reassign") >= 1, 300, "the first reassignment")
     os.kill(procs[1].pid, signal.SIGSTOP)
     t0 = time.time()
     procs[0].wait(timeout=10 + 60)
@@ -86,42 +89,42 @@ def test_exception_on_one_worker_is_reported_by_every_worker(tiny_shards, tmp_pa
 
 
 def test_resume_with_another_worker_count_and_a_worker_on_an_older_checkpoint_is_refused(
-    tiny_shards, tmp_path):
-  """2 workers -> 1 -> 2 on one model dir (epochs of 4 steps), and on the way: another global
-  batch is refused, and so are two workers that restored different checkpoints (one reads a
-  copy of the run taken before the 1-worker resume: Trainer's check that all workers agree).
-  The 1-worker runs are this process's, on the 2-worker command's config."""
+    two_worker_run, bad_shards, tmp_path):
+  """A copy of conftest's two_worker_run (2 workers, 2 epochs of 6 steps, global batch 16)
+  resumed on 1 worker (this process, the same global batch), then on 2 again; on the way
+  another global batch is refused, and so are two workers that restored different
+  checkpoints (one reads a copy taken before the 1-worker resume: the Trainer's check that
+  all workers agree)."""
   from dc_tf.training import checkpointing, trainer
-  steps = 4                                         # --epoch_size=16: 4 images x 4 rotations a step
-  cmd = lambda d, *extra: mw_cmd(tiny_shards, d, "--epoch_size=16", *extra)  # noqa: E731
+  steps = 6
+  a = shutil.copytree(two_worker_run, tmp_path / "run")
+  older = shutil.copytree(two_worker_run, tmp_path / "older")
   # 2 -> 1 with the same global batch (16) resumes where the two workers stopped.
-  a = tmp_path / "run"
-  run_workers(lambda i: cmd(a, "--epochs=1"))
-  older = shutil.copytree(a, tmp_path / "older")
-  one = checkpointing.read_config(str(a)).replace(train={"epochs": 2, "batch_per_replica": 16})
+  one = checkpointing.read_config(str(a)).replace(
+      train={"model_dir": str(a), "epochs": 3, "batch_per_replica": 16})
   trainer.Trainer(one, tf.distribute.get_strategy()).fit()
   log = [json.loads(l) for l in open(a / "log.jsonl")]
   assert [(r["event"], r["epoch"]) for r in log] == [
-      ("reassign", 0), ("epoch", 0), ("reassign", 1), ("epoch", 1)]
-  assert log[-1]["step"] == 2 * steps and log[2]["images"] == 48  # global table
+      ("reassign", 0), ("epoch", 0), ("reassign", 1), ("epoch", 1), ("reassign", 2), ("epoch", 2)]
+  assert log[-1]["step"] == 3 * steps and log[4]["images"] == 48   # global table
   # ... and with another global batch it refuses, naming both.
   with pytest.raises(checkpointing.CheckpointError, match="global batch of 16.*this run has 8"):
     trainer.Trainer(one.replace(train={"batch_per_replica": 8}),
                     tf.distribute.get_strategy()).restore()
   logged = (a / "log.jsonl").read_text()
+  cmd = lambda d, *extra: mw_cmd(bad_shards, d, *TWO_WORKERS, "--export=false", *extra)  # noqa: E731
   # Workers that restored different states refuse to train, each naming its own: worker 1
-  # reads the older copy (step 4), the chief the 1-worker run's checkpoint (step 8).
-  codes, outs = wait_all(start_workers(lambda i: cmd(older if i else a, "--epochs=3")),
+  # reads the older copy (step 12), the chief the 1-worker run's checkpoint (step 18).
+  codes, outs = wait_all(start_workers(lambda i: cmd(older if i else a, "--epochs=4")),
                          timeout=240)
   assert codes[0] == codes[1] == 2, outs
-  for i, (step, epoch) in enumerate([(2 * steps, 1), (steps, 0)]):
+  for i, (step, epoch) in enumerate([(3 * steps, 2), (2 * steps, 1)]):
     assert "workers resumed from different checkpoints" in outs[i], outs[i][-2000:]
     assert f"worker {i} has step {step}, assignment epoch {epoch}, 48 table rows" in outs[i]
-    assert "the mean over workers is step 6.0" in outs[i]
+    assert "the mean over workers is step 15.0" in outs[i]
   assert (a / "log.jsonl").read_text() == logged               # nothing trained, nothing logged
   # 1 -> 2: both workers resume from the chief's checkpoint (the 1-worker run's).
-  run_workers(lambda i: cmd(a, "--epochs=3"))
-  assert iterations(a / "ckpt") == iterations(a / "tmp" / "worker-1") == 3 * steps
+  run_workers(lambda i: cmd(a, "--epochs=4"))
+  assert iterations(a / "ckpt") == iterations(a / "tmp" / "worker-1") == 4 * steps
   log = [json.loads(l) for l in open(a / "log.jsonl")]
-  assert [(r["event"], r["epoch"]) for r in log] == [
-      ("reassign", 0), ("epoch", 0), ("reassign", 1), ("epoch", 1), ("reassign", 2), ("epoch", 2)]
+  assert [(r["event"], r["epoch"]) for r in log][-2:] == [("reassign", 3), ("epoch", 3)]

@@ -37,34 +37,29 @@ def test_sigterm_saves_and_resume_loses_no_step(sigterm_run, clean_run):
 
 @pytest.mark.slow
 def test_max_minutes_stops_saves_and_the_same_call_resumes_to_the_uninterrupted_weights(
-    clean_run, tmp_path, monkeypatch):
-  """Trainer.fit(max_seconds) (train.py's --max_minutes) on the uninterrupted run's config:
-  the stop agreement's clock passes the deadline once step 15 is done (inside epoch 1, between
-  two periodic checkpoints), so the run saves there and stops; the same call again resumes to
-  the total and ends with the uninterrupted run's weights."""
-  from types import SimpleNamespace
-  from dc_tf.training import stopping
-  cfg = checkpointing.read_config(clean_run).replace(train={"model_dir": str(tmp_path / "mm")})
-  run = trainer.Trainer(cfg, tf.distribute.get_strategy())
-  real = time.time
-  monkeypatch.setattr(stopping, "time", SimpleNamespace(
-      time=lambda: real() + (1e9 if int(run.step.numpy()) >= 15 else 0)))
-  history = run.fit(max_seconds=600)
-  assert run.out_of_time and not run.preempted
-  ckpt = os.path.join(cfg.train.model_dir, "ckpt")
-  assert int(run.step.numpy()) == 15 == history[-1]["step"] == iterations(ckpt)
-  monkeypatch.undo()
-  again = trainer.Trainer(cfg, tf.distribute.get_strategy())
-  again.fit(max_seconds=600)
-  assert not again.out_of_time and iterations(ckpt) == 36
-  assert [(r["event"], r["epoch"]) for r in read_log(cfg.train.model_dir)] == [
-      ("reassign", 0), ("epoch", 0), ("epoch", 1), ("epoch", 1), ("reassign", 2), ("epoch", 2)]
-  assert_same_final_weights(cfg.train.model_dir, clean_run)
+    kill_9_runs, clean_run):
+  """Trainer.fit(max_seconds) (train.py's --max_minutes), the last part of conftest's
+  kill_9_runs: its stop agreement's clock passes the deadline once step 29 is done (inside
+  epoch 2, between two periodic checkpoints), so the run saves there and stops; the same call
+  again resumes to the total, and the run ends with the uninterrupted run's weights."""
+  stopped = kill_9_runs["max_minutes"]
+  assert stopped["out_of_time"] and not stopped["preempted"]
+  assert stopped["step"] == 29 == stopped["history"][-1]["step"] == stopped["saved_at"]
+  assert [(r["event"], r["epoch"]) for r in stopped["history"]] == [("reassign", 2), ("epoch", 2)]
+  assert not stopped["out_of_time_again"]
+  model_dir = kill_9_runs["model_dir"]
+  log = read_log(model_dir)
+  assert [(r["event"], r["epoch"], r["step"]) for r in log[-2:]] == [
+      ("epoch", 2, 29), ("epoch", 2, 36)]                  # resumed: no reassignment redone
+  assert iterations(os.path.join(model_dir, "ckpt")) == 36
+  assert_same_final_weights(model_dir, clean_run)
 
 
-def test_changed_global_batch_is_refused(tiny_shards, tmp_path):
-  cfg = tiny_config(tiny_shards, tmp_path / "gb", mode="rotnet", epochs=1, knn_monitor=False)
-  trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
+def test_changed_global_batch_is_refused(clean_run, tmp_path):
+  """A copy of the uninterrupted run (global batch 16) resumed at batch 8."""
+  import shutil
+  model_dir = shutil.copytree(clean_run, tmp_path / "gb")
+  cfg = checkpointing.read_config(str(model_dir)).replace(train={"model_dir": str(model_dir)})
   other = cfg.replace(train={"batch_per_replica": 8})
   from dc_tf.training.checkpointing import CheckpointError
   with pytest.raises(CheckpointError, match="global batch of 16"):
@@ -89,16 +84,13 @@ def test_collapse_alarm(tiny_shards, tmp_path, monkeypatch, caplog):
   assert stats.get("collapse_alarm") and "collapse alarm" in caplog.text
 
 
-def test_serving_export_has_no_file_io_and_reloads_in_a_fresh_process(tmp_path):
-  from dc_tf.models import vgg
-  trunk = vgg.build_trunk(32, 0.125, 16)
-  export.export(trunk, str(tmp_path), image_size=32)
-  assert export.scan_ops(str(tmp_path / "serving")) == {}
+def test_serving_export_has_no_file_io_and_reloads_in_a_fresh_process(tiny_export, tmp_path):
+  assert export.scan_ops(os.path.join(tiny_export, "serving")) == {}
   x = np.random.default_rng(0).uniform(0, 255, (2, 40, 40, 3)).astype(np.float32)
   np.save(tmp_path / "x.npy", x)
-  want = export.load(str(tmp_path)).signatures["features_from_pixels"](images=x)["fc7"].numpy()
+  want = export.load(tiny_export).signatures["features_from_pixels"](images=x)["fc7"].numpy()
   code = ("import numpy as np, tensorflow as tf, sys; from dc_tf import export; "
-          f"m = export.load({str(tmp_path)!r}); x = np.load({str(tmp_path / 'x.npy')!r}); "
+          f"m = export.load({tiny_export!r}); x = np.load({str(tmp_path / 'x.npy')!r}); "
           "np.save(sys.argv[1], m.signatures['features_from_pixels'](images=x)['fc7'].numpy())")
   subprocess.run([sys.executable, "-c", code, str(tmp_path / "y.npy")], check=True, cwd=REPO,
                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=120)

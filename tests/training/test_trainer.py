@@ -214,10 +214,10 @@ def test_mixed_precision_trunk_in_bfloat16_tracks_float32(tiny_shards, tmp_path)
 
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(kill_9_runs, clean_run):
-  """kill -9 at a checkpoint inside epoch 0 (the run of conftest's kill_9_runs, which is
-  killed once more in a reassignment: tests/training/test_reliability.py), then the same
-  command: the uninterrupted run's trunk, V and sub-heads. (That train.py exports after a
-  resume: test_reliability.py's SIGTERM test.)"""
+  """kill -9 at a checkpoint inside epoch 0, then the same command: the uninterrupted run's
+  trunk, V and sub-heads. The run is conftest's kill_9_runs, interrupted twice more on its way
+  (tests/training/test_reliability.py: kill -9 in a reassignment, a --max_minutes stop);
+  that train.py exports after a resume: test_reliability.py's SIGTERM test."""
   model_dir, killed_at = kill_9_runs["model_dir"], kill_9_runs["killed_at"]
   assert 0 < killed_at < 36
   after = read_log(model_dir)[len(kill_9_runs["log_after_first_kill"]):]
