@@ -35,15 +35,15 @@ def print_plan(config):
 
 def main(argv):
   del argv
+  config = cli.config_from_flags()   # a bad flag value is one line before TensorFlow loads
+  if flags.FLAGS.plan:
+    print_plan(config)
+    return
   import tensorflow as tf
   from dc_tf import distribute
   from dc_tf.data import reader
   from dc_tf.training import checkpointing, trainer
 
-  config = cli.config_from_flags()
-  if flags.FLAGS.plan:
-    print_plan(config)
-    return
   # TF_CONFIG from TFJob / Vertex AI as is, or from the SLURM job step: before any device use
   distribute.set_up_cluster(flags.FLAGS.cluster, flags.FLAGS.slurm_port_base)
   reader.list_shards(config.data.data_pattern)  # fail fast, naming the pattern

@@ -6,6 +6,8 @@ flagfile override it. `config_from_flags` is the only reader of FLAGS.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import sys
@@ -155,21 +157,33 @@ class _HideLibraryInfo(logging.Filter):
     return record.levelno > logging.INFO or not any(p in record.pathname for p in self.LIBRARIES)
 
 
-def _import_keras_without_pyplot() -> None:
-  """`import keras` imports matplotlib.pyplot for two plotting helpers of
-  keras.src.visualization that dc_tf never calls; on a fresh machine that builds matplotlib's
-  font cache ("generated new fontManager", seconds) at every start. Keras catches the
-  ImportError and leaves those helpers off; our own figures import pyplot when they draw."""
-  if "keras" in sys.modules:
-    return
-  blocked = "matplotlib.pyplot" not in sys.modules
-  if blocked:
-    sys.modules["matplotlib.pyplot"] = None   # `import matplotlib.pyplot` -> ImportError
-  try:
-    import keras  # noqa: F401
-  finally:
-    if blocked and sys.modules.get("matplotlib.pyplot", 0) is None:
-      del sys.modules["matplotlib.pyplot"]
+class _KerasWithoutPyplot(importlib.abc.MetaPathFinder):
+  """`import keras` (and TF's `keras._tf_keras`) imports matplotlib.pyplot for plotting helpers
+  of keras.src.visualization that dc_tf never calls; on a fresh machine that builds
+  matplotlib's font cache ("generated new fontManager", seconds) at every start. While a
+  keras module runs, `import matplotlib.pyplot` is refused; Keras catches the ImportError and
+  leaves those helpers off. Nothing is imported ahead of need, and our own figures import
+  pyplot when they draw (outside keras)."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name != "keras" and not name.startswith("keras."):
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+      return spec
+    run_module = spec.loader.exec_module
+
+    def exec_module(module):
+      blocked = "matplotlib.pyplot" not in sys.modules
+      if blocked:
+        sys.modules["matplotlib.pyplot"] = None   # `import matplotlib.pyplot` -> ImportError
+      try:
+        run_module(module)
+      finally:
+        if blocked and sys.modules.get("matplotlib.pyplot", 0) is None:
+          del sys.modules["matplotlib.pyplot"]
+    spec.loader.exec_module = exec_module
+    return spec
 
 
 def run(main) -> None:
@@ -191,7 +205,8 @@ def run(main) -> None:
       from absl import logging as absl_logging
       os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # C++ INFO and WARNING lines
       absl_logging.get_absl_handler().addFilter(_HideLibraryInfo())
-    _import_keras_without_pyplot()   # after TF_CPP_MIN_LOG_LEVEL: keras imports TensorFlow
+    if "keras" not in sys.modules:
+      sys.meta_path.insert(0, _KerasWithoutPyplot())
     try:
       return main(argv)
     except UserError as e:
