@@ -49,8 +49,36 @@ def child(steps: int, rounds: int) -> dict:
       float(out[0][0, 0, 0, 0])   # wait for the last step
       times[name].append((time.perf_counter() - t0) / steps)
   med = {k: float(np.median(v)) for k, v in times.items()}
-  return {"seconds_per_step_median": med, "seconds_per_step_rounds": times,
-          "uint8_over_float32": med["uint8"] / med["float32"]}
+  result = {"seconds_per_step_median": med, "seconds_per_step_rounds": times,
+            "uint8_over_float32": med["uint8"] / med["float32"]}
+  result.update(pipeline_rotation(rounds))
+  return result
+
+
+def pipeline_rotation(rounds: int, images: int = 20000) -> dict:
+  """The input pipeline's rotation of uint8 crops: preprocess.rotate (through a float32 view)
+  against a plain uint8 rot90 (a uint8 transpose: oneDNN's fallback line on CPUs without
+  AVX-512 support for it), each a tf.data map over the same 32 px images, alternating rounds.
+  The plain one runs last, so a fallback line in the log is its own."""
+  import numpy as np
+  import tensorflow as tf
+  from dc_tf.data import preprocess
+  image = tf.constant(np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8))
+  maps = {"project_rotate": lambda x: preprocess.rotate(x, 1),
+          "plain_uint8_rot90": lambda x: tf.image.rot90(x, k=1)}
+  times = {k: [] for k in maps}
+  for r in range(rounds):
+    for name, fn in maps.items():
+      if r == 0 and name == "plain_uint8_rot90":
+        print("PLAIN uint8 rot90 from here", file=sys.stderr, flush=True)
+      ds = tf.data.Dataset.from_tensors(image).repeat(images).map(fn)
+      t0 = time.perf_counter()
+      for _ in ds:
+        pass
+      times[name].append((time.perf_counter() - t0) / images)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  return {"rotation_seconds_per_image_median": med,
+          "rotation_project_over_plain_uint8": med["project_rotate"] / med["plain_uint8_rot90"]}
 
 
 def main():
@@ -67,7 +95,13 @@ def main():
                         f"--steps={args.steps}", f"--rounds={args.rounds}"],
                        capture_output=True, text=True, env=env, check=True)
   result = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
-  result["onednn_uint8_fallback_logged"] = "DT_UINT8" in out.stderr
+  # Logged once per process, at the plain uint8 rot90 (run after everything of the project's)
+  # when this CPU lacks oneDNN's uint8 support; the project's lines come before it.
+  lines = out.stderr.splitlines()
+  result["onednn_uint8_fallback_logged"] = any("DT_UINT8" in l for l in lines)
+  result["onednn_uint8_fallback_logged_by_project_code"] = any(
+      "DT_UINT8" in l for l in lines[:next((i for i, l in enumerate(lines) if "PLAIN" in l),
+                                           len(lines))])
   result["cxx_log_lines"] = sum(1 for l in out.stderr.splitlines() if l[:1] in "IWEF"
                                 and l[1:5].isdigit())
   import common

@@ -111,5 +111,13 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
 
 def rotate(image: tf.Tensor, rotation: tf.Tensor) -> tf.Tensor:
   """Rotates by rotation*90 degrees counter-clockwise (like np.rot90 in the original).
-  Applied after resizing, so the rotation task has no resize-asymmetry shortcut."""
-  return tf.image.rot90(image, k=tf.cast(rotation, tf.int32))
+  Applied after resizing, so the rotation task has no resize-asymmetry shortcut.
+
+  uint8 pixels are turned through a float32 view: a uint8 (or int32) rot90 is a transpose that
+  oneDNN builds of TF refuse on CPUs without its AVX-512 integer support, logging an
+  "E0000 ... oneDNN supports DT_UINT8 only on platforms with AVX-512" line per process before
+  falling back to Eigen (benchmarks/uint8_input.py times both ways)."""
+  k = tf.cast(rotation, tf.int32)
+  if image.dtype == tf.uint8:
+    return tf.cast(tf.image.rot90(tf.cast(image, tf.float32), k=k), tf.uint8)
+  return tf.image.rot90(image, k=k)
