@@ -10,7 +10,9 @@ import importlib.abc
 import importlib.machinery
 import logging
 import os
+import re
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -186,6 +188,47 @@ class _KerasWithoutPyplot(importlib.abc.MetaPathFinder):
     return spec
 
 
+# A line of TF's C++ logging (absl's format) and absl's note that precedes the first of them.
+_CXX_LOG_LINE = re.compile(r"^[IW]\d{4} [\d:.]+\s+\d+ \S+\.(cc|h):\d+\]|"
+                           r"^WARNING: All log messages before absl::InitializeLog")
+
+
+class _TensorFlowImportedQuietly(importlib.abc.MetaPathFinder):
+  """While `tensorflow` itself is imported, file descriptor 2 goes to a temporary file, and
+  what TF wrote there comes back to stderr without its C++ INFO and WARNING lines (the
+  "oneDNN custom operations are on" notes and absl's InitializeLog warning). Some TF builds
+  print these whatever TF_CPP_MIN_LOG_LEVEL says (tensorflow-cpu 2.21.0 on this project's CI
+  machines), so the variable alone does not hide them. Errors and anything else TF prints
+  are kept; lines logged later, while training, are not touched."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name != "tensorflow":
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+      return spec
+    run_module = spec.loader.exec_module
+
+    def exec_module(module):
+      sys.stderr.flush()
+      saved = os.dup(2)
+      with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+          run_module(module)
+        finally:
+          sys.stderr.flush()
+          os.dup2(saved, 2)
+          os.close(saved)
+          captured.seek(0)
+          kept = [l for l in captured.read().decode(errors="replace").splitlines()
+                  if not _CXX_LOG_LINE.search(l)]
+          if kept:
+            print("\n".join(kept), file=sys.stderr)
+    spec.loader.exec_module = exec_module
+    return spec
+
+
 def run(main) -> None:
   """`app.run(main)` for our entry points: a bad flag or a `UserError` (bad value, missing
   shards, missing or tampered checkpoint or export) prints one line, `error: ...`, and exits
@@ -193,7 +236,8 @@ def run(main) -> None:
   checkpoint, collective set-up, export fingerprints) are hidden unless --verbosity=1 or
   more asks for them; our log lines and progress bars stay. TF's C++ start-up lines (oneDNN
   and CPU-feature notes) are hidden through TF_CPP_MIN_LOG_LEVEL=2, set before TensorFlow is
-  first imported unless the environment sets it already."""
+  first imported unless the environment sets it already, and, for builds that ignore it, by
+  filtering what TF writes to stderr while it is imported (_TensorFlowImportedQuietly)."""
   def parse(argv):
     try:
       return FLAGS(argv)
@@ -205,6 +249,8 @@ def run(main) -> None:
       from absl import logging as absl_logging
       os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # C++ INFO and WARNING lines
       absl_logging.get_absl_handler().addFilter(_HideLibraryInfo())
+      if "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _TensorFlowImportedQuietly())
     if "keras" not in sys.modules:
       sys.meta_path.insert(0, _KerasWithoutPyplot())
     try:

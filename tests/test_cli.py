@@ -152,3 +152,24 @@ def test_the_tiny200_preset_is_the_demo_recipe_with_what_its_comment_says():
   clusters = int(tiny["m"]) * int(tiny["k"])
   assert (f"--mode=deepcluster --m=1 --k={clusters} --rotnet_warmup_epochs=0 "
           f"--epoch_size={4 * int(tiny['epoch_size'])}") in comment
+
+
+def test_tensorflow_import_lines_are_filtered_and_other_stderr_kept():
+  """cli._TensorFlowImportedQuietly: TF builds that print their oneDNN INFO notes whatever
+  TF_CPP_MIN_LOG_LEVEL says (tensorflow-cpu 2.21.0 on some machines) still start quietly, and
+  the process's stderr works as before once the import is done."""
+  from dc_tf import cli
+  assert cli._CXX_LOG_LINE.search("I0000 00:00:1796214003.730120   18401 port.cc:153] oneDNN")
+  assert cli._CXX_LOG_LINE.search("WARNING: All log messages before absl::InitializeLog() is")
+  assert not cli._CXX_LOG_LINE.search("E0000 00:00:1796214003.730120   18401 util.cc:131] x")
+  assert not cli._CXX_LOG_LINE.search("I1202 12:20:56.280272 140529589791616 train.py:52] ours")
+  code = ("import os, sys; from dc_tf import cli; sys.meta_path.insert(0, "
+          "cli._TensorFlowImportedQuietly()); "
+          "import tensorflow; os.write(2, b'after\\n')")
+  import runs
+  env = dict(runs.user_env(), PYTHONSTARTUP="")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "port.cc" not in out.stderr and "InitializeLog" not in out.stderr, out.stderr
+  assert out.stderr.splitlines()[-1] == "after"
