@@ -159,7 +159,28 @@ class _HideLibraryInfo(logging.Filter):
     return record.levelno > logging.INFO or not any(p in record.pathname for p in self.LIBRARIES)
 
 
-class _KerasWithoutPyplot(importlib.abc.MetaPathFinder):
+class _AroundImport(importlib.abc.MetaPathFinder):
+  """A finder that runs the modules it `wants` through `around(run_module, module)`; every
+  other import is left to the finders after it."""
+
+  def wants(self, name: str) -> bool:
+    raise NotImplementedError
+
+  def around(self, run_module, module) -> None:
+    raise NotImplementedError
+
+  def find_spec(self, name, path=None, target=None):
+    if not self.wants(name):
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+      return spec
+    run_module = spec.loader.exec_module
+    spec.loader.exec_module = lambda module: self.around(run_module, module)
+    return spec
+
+
+class _KerasWithoutPyplot(_AroundImport):
   """`import keras` (and TF's `keras._tf_keras`) imports matplotlib.pyplot for plotting helpers
   of keras.src.visualization that dc_tf never calls; on a fresh machine that builds
   matplotlib's font cache ("generated new fontManager", seconds) at every start. While a
@@ -167,25 +188,18 @@ class _KerasWithoutPyplot(importlib.abc.MetaPathFinder):
   leaves those helpers off. Nothing is imported ahead of need, and our own figures import
   pyplot when they draw (outside keras)."""
 
-  def find_spec(self, name, path=None, target=None):
-    if name != "keras" and not name.startswith("keras."):
-      return None
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-      return spec
-    run_module = spec.loader.exec_module
+  def wants(self, name):
+    return name == "keras" or name.startswith("keras.")
 
-    def exec_module(module):
-      blocked = "matplotlib.pyplot" not in sys.modules
-      if blocked:
-        sys.modules["matplotlib.pyplot"] = None   # `import matplotlib.pyplot` -> ImportError
-      try:
-        run_module(module)
-      finally:
-        if blocked and sys.modules.get("matplotlib.pyplot", 0) is None:
-          del sys.modules["matplotlib.pyplot"]
-    spec.loader.exec_module = exec_module
-    return spec
+  def around(self, run_module, module):
+    blocked = "matplotlib.pyplot" not in sys.modules
+    if blocked:
+      sys.modules["matplotlib.pyplot"] = None   # `import matplotlib.pyplot` -> ImportError
+    try:
+      run_module(module)
+    finally:
+      if blocked and sys.modules.get("matplotlib.pyplot", 0) is None:
+        del sys.modules["matplotlib.pyplot"]
 
 
 # A line of TF's C++ logging (absl's format) and absl's note that precedes the first of them.
@@ -193,7 +207,7 @@ _CXX_LOG_LINE = re.compile(r"^[IW]\d{4} [\d:.]+\s+\d+ \S+\.(cc|h):\d+\]|"
                            r"^WARNING: All log messages before absl::InitializeLog")
 
 
-class _TensorFlowImportedQuietly(importlib.abc.MetaPathFinder):
+class _TensorFlowImportedQuietly(_AroundImport):
   """While `tensorflow` itself is imported, file descriptor 2 goes to a temporary file, and
   what TF wrote there comes back to stderr without its C++ INFO and WARNING lines (the
   "oneDNN custom operations are on" notes and absl's InitializeLog warning). Some TF builds
@@ -201,32 +215,25 @@ class _TensorFlowImportedQuietly(importlib.abc.MetaPathFinder):
   machines), so the variable alone does not hide them. Errors and anything else TF prints
   are kept; lines logged later, while training, are not touched."""
 
-  def find_spec(self, name, path=None, target=None):
-    if name != "tensorflow":
-      return None
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-      return spec
-    run_module = spec.loader.exec_module
+  def wants(self, name):
+    return name == "tensorflow"
 
-    def exec_module(module):
-      sys.stderr.flush()
-      saved = os.dup(2)
-      with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-          run_module(module)
-        finally:
-          sys.stderr.flush()
-          os.dup2(saved, 2)
-          os.close(saved)
-          captured.seek(0)
-          kept = [l for l in captured.read().decode(errors="replace").splitlines()
-                  if not _CXX_LOG_LINE.search(l)]
-          if kept:
-            print("\n".join(kept), file=sys.stderr)
-    spec.loader.exec_module = exec_module
-    return spec
+  def around(self, run_module, module):
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+      os.dup2(captured.fileno(), 2)
+      try:
+        run_module(module)
+      finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.seek(0)
+        kept = [l for l in captured.read().decode(errors="replace").splitlines()
+                if not _CXX_LOG_LINE.search(l)]
+        if kept:
+          print("\n".join(kept), file=sys.stderr)
 
 
 def run(main) -> None:
