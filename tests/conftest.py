@@ -197,13 +197,24 @@ def sigterm_run(tiny_shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def two_worker_run(bad_shards, tmp_path_factory):
-  """runs.TWO_WORKERS on bad_shards, two plain workers, never interrupted. Its model dir."""
+def slurm_two_worker_run(bad_shards, tmp_path_factory):
+  """runs.TWO_WORKERS on bad_shards, launched as srun launches a 1-node, 2-task job step: no
+  TF_CONFIG, SLURM's variables and --cluster=slurm (so two plain workers), never interrupted.
+  Its model dir, the two processes' outputs and the first task's port."""
   import runs
-  from workers import run_workers
+  from workers import start_workers, wait_all
   model_dir = str(tmp_path_factory.mktemp("two_workers") / "run")
-  run_workers(lambda i: runs.mw_cmd(bad_shards, model_dir, *runs.TWO_WORKERS))
-  return model_dir
+  procs = start_workers(lambda i: runs.mw_cmd(bad_shards, model_dir, *runs.TWO_WORKERS),
+                        slurm=True)
+  codes, outs = wait_all(procs)
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  return {"model_dir": model_dir, "outputs": outs, "port_base": procs[0].slurm_port_base}
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(slurm_two_worker_run):
+  """slurm_two_worker_run's model dir: what the two-worker tests compare with."""
+  return slurm_two_worker_run["model_dir"]
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,10 @@ building it from the SLURM job step with TF's SlurmClusterResolver."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import REPO
 from dc_tf import distribute as dist
@@ -118,26 +115,6 @@ def test_set_up_cluster_writes_tf_config(monkeypatch):
   assert dist.num_workers_in_tf_config() == 2
 
 
-def consecutive_free_ports(n):
-  """A port p with p .. p+n-1 free on 127.0.0.1 (the resolver numbers a node's tasks so)."""
-  for _ in range(100):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      base = s.getsockname()[1]
-    socks = []
-    try:
-      for p in range(base, base + n):
-        socks.append(socket.socket())
-        socks[-1].bind(("127.0.0.1", p))
-      return base
-    except OSError:
-      continue
-    finally:
-      for s in socks:
-        s.close()
-  raise RuntimeError(f"no {n} consecutive free ports")
-
-
 @pytest.mark.slow
 def test_cluster_slurm_outside_a_job_is_one_line():
   env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM") and k != "TF_CONFIG"}
@@ -150,43 +127,13 @@ def test_cluster_slurm_outside_a_job_is_one_line():
 
 
 @pytest.mark.slow
-def test_two_slurm_tasks_train_in_step_as_mwms_workers(tiny_shards, tmp_path):
-  """Two train.py processes given what srun sets for a 1-node, 2-task step (no TF_CONFIG):
-  --cluster=slurm makes them the 2 workers of one MWMS job, which end on the same step with
-  the same weights."""
-  from workers import wait_all
-  model_dir = tmp_path / "run"
-  base = consecutive_free_ports(2)
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--cluster=slurm",
-         f"--slurm_port_base={base}", f"--data_pattern={tiny_shards}", f"--model_dir={model_dir}",
-         "--mode=rotnet", "--image_size=32", "--width=0.125", "--fc_dim=32",
-         "--batch_per_replica=8", "--epochs=1", "--epoch_size=8", "--steps_per_loop=1",
-         "--knn_monitor=false", "--collective_timeout=120"]
-  clean = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM", "TF_CONFIG", "CUDA_VISIBLE_DEVICES"))}
-  procs = []
-  for rank in range(2):
-    env = dict(clean, TF_CPP_MIN_LOG_LEVEL="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-               SLURM_NODEID="0", SLURM_NTASKS="2", SLURM_NNODES="1", SLURM_STEP_NUM_TASKS="2",
-               SLURM_STEP_NUM_NODES="1", SLURM_STEP_NODELIST="127.0.0.1",
-               SLURM_JOB_NODELIST="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="2",
-               SLURM_TASKS_PER_NODE="2", SLURMD_NODENAME="127.0.0.1",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin")  # no nvidia-smi
-    log = open(tmp_path / f"task-{rank}.log", "w+")
-    procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
-    procs[-1].log = log
-  codes, outs = wait_all(procs, timeout=300)
-  for code, out in zip(codes, outs):
-    assert code == 0, out[-3000:]
+def test_two_slurm_tasks_train_in_step_as_mwms_workers(slurm_two_worker_run):
+  """conftest's slurm_two_worker_run: two train.py processes given what srun sets for a
+  1-node, 2-task step (no TF_CONFIG). --cluster=slurm makes them the 2 workers of one MWMS
+  job. That they end on the same step with the same weights is asserted on this same run
+  by tests/test_multiworker.py (test_two_worker_training_ends_with_identical_weights...)."""
+  run, base = slurm_two_worker_run, slurm_two_worker_run["port_base"]
+  outs = run["outputs"]
   assert f"--cluster=slurm: worker 1 of 2, cluster {{'worker': ['127.0.0.1:{base}', " \
          f"'127.0.0.1:{base + 1}']}}" in outs[1], outs[1][-3000:]
   assert "(CollectiveAllReduceStrategy, 2 replicas;" in outs[0], outs[0][-3000:]  # MWMS
-  log = [json.loads(l) for l in open(model_dir / "log.jsonl")]
-  chief = tf.train.latest_checkpoint(str(model_dir / "ckpt"))
-  other = tf.train.latest_checkpoint(str(model_dir / "tmp" / "worker-1"))
-  assert chief.rsplit("-", 1)[1] == other.rsplit("-", 1)[1] == str(log[-1]["step"]) == "2"
-  r0, r1 = tf.train.load_checkpoint(chief), tf.train.load_checkpoint(other)
-  names = [n for n, _ in tf.train.list_variables(chief) if n.startswith("trunk/")]
-  assert len(names) > 20
-  for n in names:
-    np.testing.assert_array_equal(r0.get_tensor(n), r1.get_tensor(n), err_msg=n)

@@ -1,4 +1,5 @@
-"""Two local worker processes (TF_CONFIG on 127.0.0.1): k-means and training agree."""
+"""Two local worker processes on 127.0.0.1 (TF_CONFIG, or SLURM's variables): k-means and training
+agree."""
 
 import json
 import os
@@ -47,11 +48,11 @@ def test_two_workers_of_two_devices_extract_and_cluster_like_one_process(tiny_sh
 
 def test_two_worker_training_ends_with_identical_weights_and_counts_every_bad_record(
     two_worker_run):
-  """conftest's two_worker_run: 2 plain workers, 2 epochs, on shards where worker 0's hold 3
-  undecodable records and worker 1's 2. Both workers run the same steps (else the
-  collectives would hang) and end with the same weights and table; every record is
-  counted (skipped_records: the sum over the workers' shards, in the training epochs and in
-  the reassignments)."""
+  """conftest's two_worker_run: 2 plain workers (srun's variables, --cluster=slurm), 2 epochs,
+  on shards where worker 0's hold 3 undecodable records and worker 1's 2. Both workers run
+  the same steps (else the collectives would hang) and end with the same weights and table;
+  every record is counted (skipped_records: the sum over the workers' shards, in the
+  training epochs and in the reassignments)."""
   from conftest import BAD_RECORDS
   model_dir = two_worker_run
   log = [json.loads(l) for l in open(os.path.join(model_dir, "log.jsonl"))]
