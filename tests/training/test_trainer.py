@@ -229,16 +229,6 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(kill_9_runs
   assert_same_final_weights(model_dir, clean_run)
 
 
-def test_rotation_warmup_then_clustering(tiny_shards, tmp_path):
-  cfg = tiny_config(tiny_shards, tmp_path / "warm", rotnet_warmup_epochs=1, epochs=3,
-                    knn_monitor=False).replace(clustering={"reassign_every": 2})
-  history = trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
-  assert [(r["event"], r["epoch"]) for r in history] == [
-      ("epoch", 0), ("reassign", 1), ("epoch", 1), ("epoch", 2)]
-  assert history[0]["sub_loss"] == 0 and history[0]["super_accuracy"] > 0
-  assert history[2]["sub_loss"] > 0
-
-
 def test_a_reassignment_reinitializes_the_heads_from_the_documented_seed(tiny_shards, tmp_path):
   """After the reassignment at epoch e the sub-heads (and V when m > 1) are drawn afresh from
   seed train.seed + 7919 (e + 1), with zero biases and zero momentum, and the trunk's momentum
@@ -337,17 +327,24 @@ def test_a_workers_epoch_draws_the_plans_images(tiny_shards):
 
 def test_resume_after_the_warmup_with_bad_records_keeps_epoch_and_lr(tiny_shards, tmp_path,
                                                                      example, monkeypatch):
-  """4 undecodable records: the pool is 52 records before the first clustering and 48
-  images after it. A run stopped after the clustering resumes on the epochs and learning
-  rates of the uninterrupted run (steps per epoch and pool size come from the checkpoint)."""
+  """One rotation-only epoch, then clustering every 2 epochs: the uninterrupted run trains
+  epoch 0 on rotations alone and clusters at epoch 1 only. 4 undecodable records: the pool is
+  52 records before the first clustering and 48 images after it. A run stopped after the
+  clustering resumes on the epochs and learning rates of the uninterrupted run (steps per
+  epoch and pool size come from the checkpoint)."""
   from conftest import copy_shards, insert_records
   pattern = copy_shards(tiny_shards, tmp_path / "s")
   insert_records(str(tmp_path / "s" / "train-00001-of-00004.tfrecord"),
                  [example(data=b"not an image", image_id=10**6 + i).SerializeToString()
                   for i in range(4)])
   cfg = tiny_config(pattern, tmp_path / "clean", rotnet_warmup_epochs=1,
-                    epochs=3, knn_monitor=False, schedule="cosine")
+                    epochs=3, knn_monitor=False, schedule="cosine").replace(
+                        clustering={"reassign_every": 2})
   clean = trainer.Trainer(cfg, tf.distribute.get_strategy()).fit()
+  assert [(r["event"], r["epoch"]) for r in clean] == [
+      ("epoch", 0), ("reassign", 1), ("epoch", 1), ("epoch", 2)]
+  assert clean[0]["sub_loss"] == 0 and clean[0]["super_accuracy"] > 0   # rotations only
+  assert clean[2]["sub_loss"] > 0
   stopped_cfg = cfg.replace(train={"model_dir": str(tmp_path / "stopped")})
   run = trainer.Trainer(stopped_cfg, tf.distribute.get_strategy())
   real = trainer.Trainer.should_stop
