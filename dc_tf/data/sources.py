@@ -278,7 +278,8 @@ def parse_image_list_line(line: str, base: str):
 def _join_photo(element):
   """One photo id's metadata lines and files -> one item. Of several lines the same one is
   kept whatever order the shuffle delivers them in (the smallest by value), so a rerun writes
-  the same bytes; of several files, the first path in sorted order."""
+  the same bytes; of several files, the first path in sorted order. The others of either are
+  dropped and counted."""
   photo_id, groups = element
   metas, paths = sorted(groups["meta"], key=repr), sorted(groups["path"])
   if not metas:
@@ -289,6 +290,8 @@ def _join_photo(element):
     return
   for _ in metas[1:]:
     yield drop("repeated metadata line")
+  for _ in paths[1:]:
+    yield drop("second image file")
   yield dataclasses.replace(metas[0], path=paths[0])
 
 

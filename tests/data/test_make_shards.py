@@ -258,7 +258,7 @@ def test_yfcc_lines_escapes_and_markers_parse_as_documented():
 
 def test_yfcc_join_keeps_one_line_and_one_file_whatever_the_shuffle_order():
   """Issue 29: a photo id with two metadata lines keeps one, the other counted as repeated;
-  with two files, the first path in sorted order. Neither choice may depend on the order the
+  with two files, the first path in sorted order, the other counted. Neither choice may depend on the order the
   shuffle delivers them in, or a rerun writes other bytes."""
   (_, a), = sources.parse_yfcc_line(_yfcc_line(5, tags="old"))
   (_, b), = sources.parse_yfcc_line(_yfcc_line(5, tags="new"))
@@ -267,7 +267,8 @@ def test_yfcc_join_keeps_one_line_and_one_file_whatever_the_shuffle_order():
   for metas in ([a, b], [b, a]):
     for order in (paths, paths[::-1]):
       out = list(sources._join_photo((5, {"meta": metas, "path": order})))  # noqa: SLF001
-      assert [o.value for o in out[:-1]] == [("repeated metadata line", 1)]
+      assert [o.value for o in out[:-1]] == [("repeated metadata line", 1),
+                                             ("second image file", 1)]
       kept.append(out[-1])
   assert {(k.path, k.tags) for k in kept} == {("/img/a/5.jpg", kept[0].tags)}
 
@@ -288,7 +289,8 @@ def test_yfcc_gzip_metadata_repeated_lines_and_two_files_for_one_photo(tmp_path)
   (tmp_path / "meta").write_bytes(gzip.compress("".join(lines).encode()))
   m = make_shards.write_shards("yfcc", str(tmp_path / "meta"), str(tmp_path / "o"), "y", 1,
                                image_dir=str(images))
-  assert m["dropped"] == {"repeated metadata line": 1, "bad metadata line": 1}
+  assert m["dropped"] == {"repeated metadata line": 1, "bad metadata line": 1,
+                          "second image file": 1}
   exs = {_value(ex, "image/id"): ex for ex in _examples(str(tmp_path / "o/y-*"))}
   assert sorted(exs) == [201, 202] and _value(exs[202], "meta/tags") == b"x"
   assert _value(exs[201], "image/encoded") == jpeg_bytes(201)   # a/ sorts before b/
