@@ -118,6 +118,17 @@ def rotate(image: tf.Tensor, rotation: tf.Tensor) -> tf.Tensor:
   "E0000 ... oneDNN supports DT_UINT8 only on platforms with AVX-512" line per process before
   falling back to Eigen (benchmarks/uint8_input.py times both ways)."""
   k = tf.cast(rotation, tf.int32)
-  if image.dtype == tf.uint8:
-    return tf.cast(tf.image.rot90(tf.cast(image, tf.float32), k=k), tf.uint8)
-  return tf.image.rot90(image, k=k)
+  return _on_float32_view(image, lambda x: tf.image.rot90(x, k=k))
+
+
+def rotations(image: tf.Tensor, num_rotations: int) -> tf.Tensor:
+  """All `num_rotations` rotations of `image` stacked [n, H, W, C] (--all_rotations), uint8
+  turned through one float32 view for all of them (see rotate)."""
+  return _on_float32_view(image, lambda x: tf.stack(
+      [tf.image.rot90(x, k=r) for r in range(num_rotations)]))
+
+
+def _on_float32_view(image: tf.Tensor, turn) -> tf.Tensor:
+  if image.dtype != tf.uint8:
+    return turn(image)
+  return tf.cast(turn(tf.cast(image, tf.float32)), tf.uint8)

@@ -297,7 +297,7 @@ def build_train_dataset(pattern: str, *, image_size: int, batch_size: int, steps
         lambda: tf.zeros([image_size, image_size, 3], tf.uint8))  # MISSING_FIELD: fails below
     if all_rotations:
       rotation = tf.range(num_rotations, dtype=tf.int32)
-      image = tf.stack([preprocess.rotate(image, r) for r in range(num_rotations)])
+      image = preprocess.rotations(image, num_rotations)
     else:
       rotation = tf.random.stateless_uniform([], seeds[1], 0, num_rotations, tf.int32)
       image = preprocess.rotate(image, rotation)

@@ -66,14 +66,20 @@ def test_grayscale_becomes_rgb_and_extraction_is_deterministic(tmp_path, example
   np.testing.assert_allclose((img[..., 0] * 0.229 + 0.485), (img[..., 1] * 0.224 + 0.456), atol=1e-5)
 
 
-def test_rotation_matches_np_rot90_eagerly_and_in_tf_data():
-  img = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_rotation_matches_np_rot90_eagerly_and_in_tf_data(dtype):
+  img = np.arange(2 * 3 * 3).reshape(2, 3, 3).astype(dtype) * 13
   for k in range(4):
     eager = preprocess.rotate(tf.constant(img), tf.constant(k)).numpy()
     in_data = next(iter(tf.data.Dataset.from_tensors(img).map(
         lambda x, k=k: preprocess.rotate(x, tf.constant(k))))).numpy()
     np.testing.assert_array_equal(eager, np.rot90(img, k))
+    assert eager.dtype == dtype
     np.testing.assert_array_equal(in_data, eager)
+  square = img[:, :2]                                             # --all_rotations: stacked
+  stacked = preprocess.rotations(tf.constant(square), 4).numpy()
+  assert stacked.dtype == dtype
+  np.testing.assert_array_equal(stacked, np.stack([np.rot90(square, k) for k in range(4)]))
 
 
 def test_train_transform_eager_equals_tf_data():
