@@ -218,8 +218,10 @@ def sigterm_then_resume(data, model_dir):
 
 def two_workers_sigterm_then_resume(data, model_dir):
   """TWO_WORKERS as TF_CONFIG's chief (process 0) and one worker, the worker sent SIGTERM once
-  a step of epoch 1 is done (as the chief's progress bar shows), then the same command on
-  both to the end (--export=false: the uninterrupted run exports)."""
+  a step of epoch 1 is done (as the chief's progress bar shows); resumed with --max_minutes
+  given to the worker alone, so small (6 ms) that it has passed by the worker's first stop
+  agreement; then the same command on both to the end (--export=false: the uninterrupted run
+  exports)."""
   from workers import run_workers, start_workers, wait_all
   cmd = mw_cmd(data, model_dir, *TWO_WORKERS, "--export=false")
   procs = start_workers(lambda i: cmd, chief=True)
@@ -238,5 +240,11 @@ def two_workers_sigterm_then_resume(data, model_dir):
          "stopped_at": [iterations(os.path.join(model_dir, "ckpt")),
                         iterations(os.path.join(model_dir, "tmp", "worker-1"))],
          "log_at_stop": read_log(model_dir)}
+  codes, outs = wait_all(start_workers(
+      lambda i: cmd + (["--max_minutes=0.0001"] if i == 1 else []), chief=True), 120)
+  assert codes == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  out["max_minutes"] = {"outputs": outs,
+                        "stopped_at": [iterations(os.path.join(model_dir, "ckpt")),
+                                       iterations(os.path.join(model_dir, "tmp", "worker-1"))]}
   run_workers(lambda i: cmd, chief=True)
   return out

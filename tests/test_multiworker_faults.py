@@ -3,6 +3,7 @@ worker, and resuming with another worker count (issue 9)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -43,6 +44,20 @@ def test_sigterm_to_one_worker_saves_all_at_one_step_and_resume_loses_none(chief
   assert sorted(r["epoch"] for r in log if r["event"] == "reassign") == [0, 1]
   assert not os.path.exists(os.path.join(model_dir, "export"))       # --export=false
   assert_same_final_weights(model_dir, two_worker_run)
+
+
+def test_max_minutes_on_one_worker_stops_every_worker_at_one_step(chief_sigterm_run):
+  """The resume of conftest's chief_sigterm_run in which only the worker was given
+  --max_minutes (6 ms, passed by its first stop agreement): the chief, which has no deadline,
+  learns it through the agreement; both save at the same step, before the end, and exit 0
+  (the last resume then ends with the uninterrupted weights: the test above)."""
+  run = chief_sigterm_run["max_minutes"]
+  chief, other = run["stopped_at"]
+  assert chief == other and chief_sigterm_run["stopped_at"][0] <= chief < 2 * 6
+  for out in run["outputs"]:
+    assert re.search(rf"stopped at step {chief} after \d+ s \(--max_minutes\); the same "
+                     "command resumes", out), out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
 
 
 def test_stopped_worker_makes_the_other_fail_within_the_timeout(tiny_shards, tmp_path):
