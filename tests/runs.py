@@ -224,6 +224,8 @@ def two_workers_sigterm_then_resume(data, model_dir):
   exports)."""
   from workers import run_workers, start_workers, wait_all
   cmd = mw_cmd(data, model_dir, *TWO_WORKERS, "--export=false")
+  steps_saved = lambda: [iterations(os.path.join(model_dir, "ckpt")),  # noqa: E731
+                         iterations(os.path.join(model_dir, "tmp", "worker-1"))]
   procs = start_workers(lambda i: cmd, chief=True)
   try:
     wait_for(lambda: steps_shown(text(procs[0].log.name), 1) >= 1, 300, "a step of epoch 1",
@@ -237,14 +239,9 @@ def two_workers_sigterm_then_resume(data, model_dir):
   codes, outs = wait_all(procs, 120)
   assert codes == [0, 0], outs[0][-2000:] + outs[1][-2000:]
   out = {"outputs": outs, "stop_seconds": time.time() - t0,
-         "stopped_at": [iterations(os.path.join(model_dir, "ckpt")),
-                        iterations(os.path.join(model_dir, "tmp", "worker-1"))],
-         "log_at_stop": read_log(model_dir)}
-  codes, outs = wait_all(start_workers(
-      lambda i: cmd + (["--max_minutes=0.0001"] if i == 1 else []), chief=True), 120)
-  assert codes == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-  out["max_minutes"] = {"outputs": outs,
-                        "stopped_at": [iterations(os.path.join(model_dir, "ckpt")),
-                                       iterations(os.path.join(model_dir, "tmp", "worker-1"))]}
+         "stopped_at": steps_saved(), "log_at_stop": read_log(model_dir)}
+  outs = run_workers(lambda i: cmd + (["--max_minutes=0.0001"] if i == 1 else []), 120,
+                     chief=True)
+  out["max_minutes"] = {"outputs": outs, "stopped_at": steps_saved()}
   run_workers(lambda i: cmd, chief=True)
   return out

@@ -102,8 +102,8 @@ def wait_all(procs, timeout=420):
   return [p.returncode for p in procs], [output(p) for p in procs]
 
 
-def run_workers(args, timeout=420, n=2, chief=False, slurm=False):
-  codes, outs = wait_all(start_workers(args, n, chief, slurm), timeout)
+def run_workers(args, timeout=420, n=2, chief=False):
+  codes, outs = wait_all(start_workers(args, n, chief), timeout)
   for code, out in zip(codes, outs):
     assert code == 0, out[-3000:]
   return outs
