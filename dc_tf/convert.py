@@ -19,6 +19,14 @@ Layouts (issue 26):
   deepcluster    facebookresearch/deepcluster's VGG-16 `checkpoint.pth.tar`: keys
                  `features.module.N.*`, `classifier.{0,3}.*`, `sobel.{0,1}.*`, `top_layer.*`
                  (dropped). Its Sobel 3x3 pads by 1 itself; an RGB conv1 is not padded.
+  torchvision    torchvision's `vgg16_bn` (the supervised row of Fig. 2, issue 35): keys
+                 `features.N.*`, `classifier.{0,3,6}.*` (told apart by `classifier.6`, its
+                 1000-way head), no wrapper or a `module.` one. RGB, conv1 padding=1 like every
+                 conv: our 'same' conv1, no input pad. Its AdaptiveAvgPool2d((7, 7)) before fc6
+                 is the identity on 224-px inputs; at other sizes it is a fixed linear map,
+                 folded into fc6 (exact, noted in converted_from.json). `classifier.6` is kept
+                 in MODEL_DIR/supervised_head.npz: logits = ReLU(fc7) @ kernel + bias.
+                 Normalisation: ImageNet mean/std on [0, 1] pixels, the same as ours.
 Sobel or RGB is read from conv1's input channels (2 or 3). BN epsilon is 1e-5 on both
 sides. Conv kernels [out, in, kh, kw] become [kh, kw, in, out]; fc6's inputs are reordered
 from PyTorch's (C, H, W) flattening to Keras's (H, W, C); fc7 is transposed.
@@ -37,11 +45,15 @@ import numpy as np
 from dc_tf import torch_pickle
 from dc_tf.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, UserError
 
-LAYOUTS = ("deepercluster", "deepcluster")
+LAYOUTS = ("deepercluster", "deepcluster", "torchvision")
 # Where each layout pads the front (Sobel, RGB): DeeperCluster's model_factory pads 2 / 1
-# before the network; deepcluster's Sobel conv has padding=1, its RGB conv1 sees the image.
+# before the network; deepcluster's Sobel conv has padding=1, its RGB conv1 sees the image,
+# as torchvision's does (no Sobel front there).
 FRONT_PAD = {("deepercluster", True): 2, ("deepercluster", False): 1,
-             ("deepcluster", True): 1, ("deepcluster", False): 0}
+             ("deepcluster", True): 1, ("deepcluster", False): 0,
+             ("torchvision", False): 0}
+TORCHVISION_POOL = 7          # vgg16_bn's AdaptiveAvgPool2d((7, 7)) before classifier.0
+SUPERVISED_HEAD_FILE = "supervised_head.npz"
 VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 POOL_AFTER = (2, 4, 7, 10, 13)   # conv indices (1-based) followed by a 2x2 max-pool
 BN_OPTIONAL = ("num_batches_tracked",)   # absent from files older than torch 0.4.1
@@ -66,15 +78,18 @@ def canonical_keys(state: dict, layout: str = "auto") -> tuple[str, dict]:
   (`module.`) and names the VGG `body.`; deepcluster wraps only `features` (`features.module.`)."""
   keys = list(state)
   if layout == "auto":
-    if any(k.startswith(("features.module.", "top_layer.")) for k in keys):
+    if _torchvision_keys(keys):
+      layout = "torchvision"
+    elif any(k.startswith(("features.module.", "top_layer.")) for k in keys):
       layout = "deepcluster"
     elif any(k.startswith(("module.", "body.", "pred_layer.")) for k in keys):
       layout = "deepercluster"
     else:
       raise ConversionError(
           f"cannot tell the layout from the keys (e.g. {', '.join(keys[:3])}): none is "
-          "DeeperCluster's module.body.* / pred_layer.* or deepcluster's features.module.* / "
-          "top_layer.*; pass --layout=deepercluster or --layout=deepcluster")
+          "DeeperCluster's module.body.* / pred_layer.*, deepcluster's features.module.* / "
+          "top_layer.* or torchvision's features.* with classifier.6.*; pass "
+          "--layout=deepercluster, deepcluster or torchvision")
   out = {}
   for k, v in state.items():
     name = k
@@ -87,6 +102,25 @@ def canonical_keys(state: dict, layout: str = "auto") -> tuple[str, dict]:
       raise ConversionError(f"key {k} duplicates {name} once its wrapper prefix is removed")
     out[name] = v
   return layout, out
+
+
+def _torchvision_keys(keys) -> bool:
+  """torchvision's vgg16_bn: only features.N.* and classifier.N.* (perhaps under a
+  DataParallel `module.`), and its 1000-way head classifier.6, which neither original has."""
+  bare = [k[len("module."):] if k.startswith("module.") else k for k in keys]
+  return ("classifier.6.weight" in bare and
+          all(k.startswith(("features.", "classifier.")) for k in bare) and
+          not any(k.startswith("features.module.") for k in bare))
+
+
+def adaptive_pool_matrix(side: int, out: int = TORCHVISION_POOL) -> np.ndarray:
+  """[out, side]: PyTorch's adaptive_avg_pool along one axis, bin i averaging
+  [floor(i * side / out), ceil((i + 1) * side / out)); the identity when side == out."""
+  a = np.zeros([out, side])
+  for i in range(out):
+    lo, hi = (i * side) // out, -(-((i + 1) * side) // out)
+    a[i, lo:hi] = 1.0 / (hi - lo)
+  return a
 
 
 def _subhead_file(keys) -> bool:
@@ -117,6 +151,8 @@ class Converted:
   model: ModelConfig
   weights: dict            # Keras layer name -> list of arrays, in the layer's weight order
   dropped: list            # keys read but not converted (heads, BN step counters)
+  kept: dict = dataclasses.field(default_factory=dict)    # run-dir file -> {name: array}
+  notes: list = dataclasses.field(default_factory=list)   # for converted_from.json
 
 
 def _expect(key, array, shape):
@@ -156,15 +192,24 @@ def convert_state(state: dict, *, image_size: int = 224, layout: str = "auto") -
   if first.shape[1] not in (2, 3):
     raise ConversionError(f"key features.0.weight has {first.shape[1]} input channels; "
                           "2 (Sobel) or 3 (RGB) expected")
+  if sobel and layout == "torchvision":
+    raise ConversionError("key features.0.weight has 2 input channels: torchvision's vgg16_bn "
+                          "has an RGB conv1 (3 input channels)")
   width = first.shape[0] / 64
   fc = state.get("classifier.0.weight")
   if fc is None:
     raise ConversionError("missing key classifier.0.weight (fc6)")
+  if fc.ndim != 2:
+    raise ConversionError(f"key classifier.0.weight has shape {list(fc.shape)}, a 2-D "
+                          "Linear weight expected")
   model = ModelConfig(image_size=image_size, width=width, fc_dim=int(fc.shape[0]), sobel=sobel,
                       dropout=0.5, input_pad=FRONT_PAD[(layout, sobel)])
   widths = [vgg.channels(c, width) for c in VGG16_CHANNELS]
   side = vgg.front_size(image_size, sobel, model.pad) // 32
   flat = widths[-1] * side * side
+  notes = []
+  if layout == "torchvision":
+    fc, notes = _fold_torchvision_pool(fc, widths[-1], side, image_size)
   if fc.shape[1] != flat:
     found = fc.shape[1] / widths[-1]
     raise ConversionError(
@@ -204,18 +249,65 @@ def convert_state(state: dict, *, image_size: int = 224, layout: str = "auto") -
   weights["fc7"] = [state["classifier.3.weight"].T, state["classifier.3.bias"]]
   used.update(["classifier.0.weight", "classifier.0.bias", "classifier.3.weight",
                "classifier.3.bias"])
-  head = "pred_layer" if layout == "deepercluster" else "top_layer"
-  for key in (f"{head}.weight", f"{head}.bias"):
-    if key in state:
-      used.add(key)
-      dropped.append(key)
+  kept = {}
+  if layout == "torchvision":
+    kept = _supervised_head(state, fc_dim, used, notes)
+  else:   # the clustering heads: a new run clusters again
+    head = "pred_layer" if layout == "deepercluster" else "top_layer"
+    for key in (f"{head}.weight", f"{head}.bias"):
+      if key in state:
+        used.add(key)
+        dropped.append(key)
   extra = [k for k in state if k not in used]
   if extra:
     raise ConversionError(f"unexpected key {extra[0]}"
                           f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''} in a "
                           f"{layout} VGG-16 state dict")
   weights = {k: [np.ascontiguousarray(a, np.float32) for a in v] for k, v in weights.items()}
-  return Converted(layout, model, weights, dropped)
+  return Converted(layout, model, weights, dropped, kept, notes)
+
+
+def _fold_torchvision_pool(fc, c, side, image_size):
+  """(fc6 weight as if it read pool5's side x side map directly, notes). torchvision's
+  AdaptiveAvgPool2d((7, 7)) is linear, so fc6(pool(x)) = (fc6 . pool)(x): the identity at
+  224 px (a 7x7 map); at other sizes its bins (averages, repeats when the map is smaller)
+  are folded into fc6's weight, which then equals PyTorch's forward at that size."""
+  n = TORCHVISION_POOL
+  if fc.shape[1] != c * n * n:
+    raise ConversionError(
+        f"key classifier.0.weight has {fc.shape[1]} inputs = {c} x {fc.shape[1] / c:g}: "
+        f"torchvision's vgg16_bn reads a {n}x{n} pooled map ({c * n * n} inputs)")
+  if side < 1:
+    raise ConversionError(f"--image_size={image_size} leaves no pool5 map (32 px at least)")
+  if side == n:
+    return fc, [f"AdaptiveAvgPool2d(({n}, {n})) is the identity on the {side}x{side} pool5 "
+                f"map of {image_size}-px inputs"]
+  a = adaptive_pool_matrix(side, n).astype(np.float32)
+  # W'[f, c, h, w] = sum_ij W[f, c, i, j] A[i, h] A[j, w], as two matmuls (no 6-D temporary)
+  w = a.T @ (np.asarray(fc, np.float32).reshape(fc.shape[0], c, n, n) @ a)
+  return w.reshape(fc.shape[0], c * side * side), [
+      f"AdaptiveAvgPool2d(({n}, {n})) folded into fc6 for the {side}x{side} pool5 map of "
+      f"{image_size}-px inputs (exact at this size; the weights were trained at 224 px)"]
+
+
+def _supervised_head(state, fc_dim, used, notes):
+  """classifier.6, the supervised 1000-way layer after ReLU(fc7), kept beside the trunk as
+  a Keras-oriented kernel [fc_dim, classes] (a linear probe needs only the trunk)."""
+  w, b = "classifier.6.weight", "classifier.6.bias"
+  for key in (w, b):
+    if key not in state:
+      raise ConversionError(f"missing key {key} (the supervised head)")
+  if state[w].ndim != 2:
+    raise ConversionError(f"key {w} has shape {list(state[w].shape)}, a 2-D Linear weight "
+                          "expected")
+  classes = state[w].shape[0]
+  _expect(w, state[w], [classes, fc_dim])
+  _expect(b, state[b], [classes])
+  used.update([w, b])
+  notes.append(f"{w} and {b} ({classes} classes) kept in {SUPERVISED_HEAD_FILE} as kernel "
+               "[fc_dim, classes] and bias: logits = ReLU(fc7) @ kernel + bias")
+  return {SUPERVISED_HEAD_FILE: {"kernel": np.ascontiguousarray(state[w].T, np.float32),
+                                 "bias": np.ascontiguousarray(state[b], np.float32)}}
 
 
 def _sha256(path: str) -> str:
@@ -232,7 +324,8 @@ def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: d
   import tensorflow as tf
   from dc_tf.models import vgg
   from dc_tf.training import checkpointing
-  mode = "deepcluster" if converted.layout == "deepcluster" else "deepercluster"
+  # torchvision's supervised net saw one unrotated view per image, as deepcluster's did.
+  mode = "deepercluster" if converted.layout == "deepercluster" else "deepcluster"
   config = ExperimentConfig(
       data=DataConfig(image_size=converted.model.image_size, data_pattern=""),
       model=converted.model, train=TrainConfig(mode=mode, model_dir=model_dir)).validate()
@@ -253,9 +346,12 @@ def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: d
                                steps_per_epoch=tf.Variable(1, dtype=tf.int64))
     tf.train.CheckpointManager(ckpt, os.path.join(staging, "ckpt"), max_to_keep=1).save(
         checkpoint_number=epoch)
+    for name, arrays in converted.kept.items():
+      np.savez(os.path.join(staging, name), **arrays)
     with open(os.path.join(staging, "converted_from.json"), "w") as f:
       json.dump({**(source or {}), "layout": converted.layout, "front": config.model.front,
-                 "dropped_keys": converted.dropped}, f, indent=2)
+                 "dropped_keys": converted.dropped,
+                 **({"notes": converted.notes} if converted.notes else {})}, f, indent=2)
     if os.path.isdir(model_dir):
       os.rmdir(model_dir)   # empty (checked before): replaced by the staged folder
     os.replace(staging, model_dir)
@@ -306,7 +402,8 @@ def main(argv):
 if __name__ == "__main__":
   from absl import flags
   from dc_tf import cli
-  flags.DEFINE_string("from_pytorch", None, "A .pth file of the original (either layout).",
+  flags.DEFINE_string("from_pytorch", None, "A .pth file of the original (either layout) or "
+                      "torchvision's vgg16_bn.",
                       required=True)
   flags.DEFINE_string("model_dir", None, "Run directory to write (new or empty).", required=True)
   flags.DEFINE_integer("image_size", 224, "Input size the file was trained at (the paper: 224).")
