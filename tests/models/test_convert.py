@@ -5,6 +5,8 @@ at width 1/8 and 64 px so fc6 sees a 2x2 map (at 32 px the C,H,W -> H,W,C reorde
 is never exercised), saved in each layout and both PyTorch containers, converted by
 `dc_tf.convert`, and loaded back through the run dir as evaluate.py and export load it.
 Torch is a test dependency (requirements-test.txt); the converter itself does not need it.
+torchvision's `vgg16_bn` (issue 35) is built the same way by hand (tests/models/torch_vgg16_bn.py)
+at 224 px (its 7x7 adaptive pool the identity) and at 64 and 288 px (the pool folded into fc6).
 """
 
 import dataclasses
@@ -20,6 +22,7 @@ import tensorflow as tf
 torch = pytest.importorskip("torch", reason="pip install -r requirements-test.txt")
 
 import torch_original  # noqa: E402  (tests/models, next to this file)
+import torch_vgg16_bn  # noqa: E402
 from dc_tf import convert, torch_pickle  # noqa: E402
 from dc_tf.models import vgg  # noqa: E402
 from dc_tf.training import checkpointing  # noqa: E402
@@ -292,7 +295,146 @@ def test_cli_converts_and_init_checkpoint_follows_only_the_same_front(tmp_path):
   assert checkpointing.restore_trunk(same, os.path.join(str(run), "ckpt"), cfg) == 7
 
 
+# --- torchvision's vgg16_bn (issue 35: the supervised row of Fig. 2) -------------------------
+
+
+def relative_and_absolute_errors(keras_out, torch_out):
+  errors = {}
+  for name, ref in torch_out.items():
+    ref = ref.numpy()
+    ref = ref.transpose(0, 2, 3, 1) if ref.ndim == 4 else ref
+    got = np.asarray(keras_out[name])
+    assert got.shape == ref.shape, name
+    diff = np.abs(got - ref).max()
+    errors[name] = (float(diff / np.abs(ref).max()), float(diff))
+  return errors
+
+
+# 224 px: pool5 is 7x7 and the adaptive pool the identity; 64 px: a 2x2 map that the pool
+# repeats; 288 px: a 9x9 map pooled by overlapping bins. The last two fold it into fc6.
+@pytest.mark.parametrize("size", [224, 64, 288])
+def test_torchvision_vgg16_bn_every_endpoint_equals_pytorch(tmp_path, size):
+  model, endpoints = torch_vgg16_bn.build(CHANNELS, FC_DIM, size)
+  path = str(tmp_path / "vgg16_bn.pth")
+  torch.save(model.state_dict(), path)         # torchvision's files: the bare state dict
+  run = str(tmp_path / "run")
+  config = convert.convert_file(path, run, image_size=size)
+  assert (config.model.sobel, config.model.pad, config.model.image_size) == (False, 0, size)
+  trunk, _, step = checkpointing.load_trunk(run)
+  assert step == 0
+  x = np.random.RandomState(size).randn(2, size, size, 3).astype(np.float32)
+  ref = endpoints(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  fc7 = ref["fc7"].numpy()     # a guard: features that ignore the image would prove nothing
+  assert np.abs(fc7[0] - fc7[1]).max() > 0.1 * np.abs(fc7).max()
+  out = dict(trunk(x, training=False))
+  head = np.load(os.path.join(run, convert.SUPERVISED_HEAD_FILE))
+  out["logits"] = np.maximum(out["fc7"], 0) @ head["kernel"] + head["bias"]
+  errors = relative_and_absolute_errors(out, ref)
+  assert set(errors) == set(vgg.ENDPOINTS) | {"logits"}
+  MAX_ERRORS.update({("torchvision", size, k): v for k, v in errors.items()})
+  assert max(rel for rel, _ in errors.values()) < TOLERANCE, errors
+  meta = json.load(open(os.path.join(run, "converted_from.json")))
+  assert meta["layout"] == "torchvision" and meta["front"] == "--sobel=false --input_pad=0"
+  assert len(meta["dropped_keys"]) == 13 and all(
+      k.endswith("num_batches_tracked") for k in meta["dropped_keys"])
+  folded = "identity" if size == 224 else "folded into fc6"
+  assert any(folded in n for n in meta["notes"]), meta["notes"]
+  assert any(convert.SUPERVISED_HEAD_FILE in n for n in meta["notes"]), meta["notes"]
+
+
+def test_adaptive_pool_matrix_is_pytorchs():
+  for side in (1, 2, 7, 9, 14):
+    x = torch.randn(1, 1, side, side, dtype=torch.float64)
+    want = torch.nn.functional.adaptive_avg_pool2d(x, 7)[0, 0].numpy()
+    a = convert.adaptive_pool_matrix(side)
+    np.testing.assert_allclose(a @ x[0, 0].numpy() @ a.T, want, rtol=1e-12, err_msg=side)
+  np.testing.assert_array_equal(convert.adaptive_pool_matrix(7), np.eye(7))
+
+
+def torchvision_state(width=1.0, fc_dim=4096, classes=1000, prefix=""):
+  """torchvision's vgg16_bn keys, in zero views (no memory, no torch): keys and shapes only."""
+  channels = [vgg.channels(c, width) for c in convert.VGG16_CHANNELS]
+  z = lambda *shape: np.broadcast_to(np.float32(0), shape)  # noqa: E731
+  state, c_in = {}, 3
+  for at, c in zip(convert.torch_feature_indices(), channels):
+    state[f"{prefix}features.{at}.weight"], state[f"{prefix}features.{at}.bias"] = \
+        z(c, c_in, 3, 3), z(c)
+    for p in ("weight", "bias", "running_mean", "running_var"):
+      state[f"{prefix}features.{at + 1}.{p}"] = z(c)
+    state[f"{prefix}features.{at + 1}.num_batches_tracked"] = np.zeros((), np.int64)
+    c_in = c
+  for i, (n_out, n_in) in enumerate([(fc_dim, channels[-1] * 49), (fc_dim, fc_dim),
+                                     (classes, fc_dim)]):
+    state[f"{prefix}classifier.{3 * i}.weight"] = z(n_out, n_in)
+    state[f"{prefix}classifier.{3 * i}.bias"] = z(n_out)
+  return state
+
+
+def test_torchvision_layout_is_detected_and_maps_onto_the_paper_trunk():
+  converted = convert.convert_state(torchvision_state())
+  m = converted.model
+  assert converted.layout == "torchvision"
+  assert (m.image_size, m.width, m.fc_units, m.sobel, m.pad) == (224, 1.0, 4096, False, 0)
+  assert converted.weights["conv1_conv"][0].shape == (3, 3, 3, 64)
+  assert converted.weights["fc6_dense"][0].shape == (7 * 7 * 512, 4096)
+  assert converted.weights["fc7"][0].shape == (4096, 4096)
+  assert len(converted.weights) == 2 * 13 + 2 and len(converted.dropped) == 13
+  head = converted.kept[convert.SUPERVISED_HEAD_FILE]
+  assert head["kernel"].shape == (4096, 1000) and head["bias"].shape == (1000,)
+  # a DataParallel-saved file, and the explicit flag, give the same layout
+  small = convert.convert_state(torchvision_state(WIDTH, FC_DIM, 10, prefix="module."),
+                                image_size=SIZE)
+  assert small.layout == "torchvision"
+  keras_trunk = vgg.trunk_from_config(small.model)
+  for name, arrays in small.weights.items():
+    want = [tuple(w.shape) for w in keras_trunk.get_layer(name).weights]
+    assert [a.shape for a in arrays] == want, name
+  headless = torchvision_state(WIDTH, FC_DIM, 10)
+  del headless["classifier.6.weight"], headless["classifier.6.bias"]
+  with pytest.raises(convert.ConversionError, match="cannot tell the layout.*--layout=.*torchvision"):
+    convert.convert_state(headless, image_size=SIZE)
+  with pytest.raises(convert.ConversionError, match=r"missing key classifier\.6\.weight"):
+    convert.convert_state(headless, image_size=SIZE, layout="torchvision")
+  state = torchvision_state(WIDTH, FC_DIM, 10)
+  state["classifier.6.weight"] = state["classifier.6.weight"][:, :5]
+  with pytest.raises(convert.ConversionError, match=r"classifier\.6\.weight has shape \[10, 5\]"):
+    convert.convert_state(state, image_size=SIZE)
+  state = torchvision_state(WIDTH, FC_DIM, 10)
+  state["classifier.0.weight"] = state["classifier.0.weight"][:, :CHANNELS[-1] * 4]
+  with pytest.raises(convert.ConversionError, match=r"classifier\.0\.weight has 256 inputs.*7x7"):
+    convert.convert_state(state, image_size=SIZE)
+  state = torchvision_state(WIDTH, FC_DIM, 10)
+  state["features.0.weight"] = state["features.0.weight"][:, :2]
+  with pytest.raises(convert.ConversionError, match="2 input channels: torchvision"):
+    convert.convert_state(state, image_size=SIZE)
+
+
+def test_torchvision_cli_detects_the_layout_and_names_a_bad_key_in_one_line(tmp_path):
+  model, _ = torch_vgg16_bn.build(CHANNELS, FC_DIM, SIZE)
+  good = str(tmp_path / "vgg16_bn.pth")
+  torch.save(model.state_dict(), good)
+  state = model.state_dict()
+  state["classifier.9.weight"] = torch.zeros(2)
+  bad = str(tmp_path / "extra.pth")
+  torch.save(state, bad)
+  run = tmp_path / "run"
+  out = cli(f"--from_pytorch={bad}", f"--model_dir={run}", f"--image_size={SIZE}")
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and lines[-1].startswith("error: ") and "Traceback" not in out.stderr
+  assert bad in lines[-1] and "unexpected key classifier.9.weight" in lines[-1], out.stderr
+  assert "torchvision VGG-16 state dict" in lines[-1]
+  assert not run.exists() and not (tmp_path / "run.converting").exists()
+  out = cli(f"--from_pytorch={good}", f"--model_dir={run}", f"--image_size={SIZE}")
+  assert out.returncode == 0, out.stderr
+  assert "--sobel=false --input_pad=0" in out.stdout
+  assert sorted(os.listdir(run)) == ["ckpt", "config.json", "converted_from.json",
+                                     convert.SUPERVISED_HEAD_FILE]
+  assert json.load(open(run / "converted_from.json"))["layout"] == "torchvision"
+
+
 def teardown_module(module):
   del module
   if MAX_ERRORS:
-    print("\nmax relative error per case:", json.dumps({str(k): f"{v:.1e}" for k, v in MAX_ERRORS.items()}))
+    print("\nmax relative error per case:", json.dumps(
+        {str(k): f"{v[0]:.1e} (abs {v[1]:.1e})" if isinstance(v, tuple) else f"{v:.1e}"
+         for k, v in MAX_ERRORS.items()}))
