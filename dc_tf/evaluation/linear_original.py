@@ -4,11 +4,12 @@
 What the original runs, one job per layer (`linear_classif_layers.sh`, `conv13.sh`):
   - the frozen trunk in inference mode (BN running statistics), its conv<i> map after ReLU;
   - `RegLog`: an average pool of window 18 / 14 / 9 / 6 / 3 (conv1-2 / 3-4 / 5-7 / 8-10 /
-    11-13 on 224-px maps, about 9k or 8k values), then one linear layer, PyTorch's default
-    init (U(+-1/sqrt(fan_in)) for weight and bias); no feature standardisation;
+    11-13, for a 224-px input whatever the front pads; about 9k or 8k values), then one
+    linear layer, PyTorch's default init (U(+-1/sqrt(fan_in)) for weight and bias); no
+    feature standardisation;
   - SGD, momentum 0.9, weight decay 1e-5 on weight and bias (PyTorch's: wd * w added to the
     gradient), batch 256, 100 epochs, cross-entropy;
-  - the learning rate per layer of the scripts (ImageNet or Places205 table below), decayed at
+  - the learning rate per layer of the scripts (the tables below), decayed at
     every iteration t as lr0 / sqrt(1 + lr0 * wd * t) (Bottou, "SGD tricks", 2012);
   - training crops drawn on the fly: RandomResizedCrop(224) (scale 0.08-1, ratio 3/4-4/3) and
     a horizontal flip; the test: resize to 256, centre crop 224 (our `eval_transform`);
@@ -32,14 +33,22 @@ from dc_tf.data import decoder, preprocess, reader
 from dc_tf.evaluation import metrics
 
 LAYERS = tuple(f"conv{i}" for i in range(1, 14))
-# --lr per conv layer in linear_classif_layers.sh (every job: --wd 0.00001 --batch_size 256
-# --nepochs 100).
+# --lr per conv layer, one table per script (every job: --wd 0.00001 --batch_size 256
+# --nepochs 100). linear_classif_layers.sh is the paper's Fig. 2 / Table 4, conv1..conv13:
+# ImageNet l.18, 23, 28, ..., 78 (conv<i> at l.13 + 5i); Places205 l.87, 92, ..., 147 (l.82 + 5i).
+# conv13.sh is Table 3, conv13 only: ImageNet l.19 (0.02, as linear_classif_layers.sh l.78),
+# Places205 l.24 (0.03, where linear_classif_layers.sh l.147 has 0.02).
 LR_TABLES = {
-    "imagenet": (0.005, 0.01, 0.03, 0.03, 0.03, 0.03, 0.02, 0.03, 0.03, 0.03, 0.02, 0.02, 0.02),
-    "places205": (0.003, 0.005, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.03, 0.01, 0.01, 0.02),
+    "imagenet": dict(zip(LAYERS, (0.005, 0.01, 0.03, 0.03, 0.03, 0.03, 0.02, 0.03, 0.03, 0.03,
+                                  0.02, 0.02, 0.02))),
+    "places205": dict(zip(LAYERS, (0.003, 0.005, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.03,
+                                   0.01, 0.01, 0.02))),
+    "imagenet_conv13": {"conv13": 0.02},
+    "places205_conv13": {"conv13": 0.03},
 }
-WINDOWS = (18, 18, 14, 14, 9, 9, 9, 6, 6, 6, 3, 3, 3)       # RegLog's AvgPool2d, 224-px maps
+WINDOWS = (18, 18, 14, 14, 9, 9, 9, 6, 6, 6, 3, 3, 3)       # RegLog's AvgPool2d, l.245-260
 POOLS_BEFORE = (0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4)     # max-pools before conv<i>
+ORIGINAL_SIZE = 224                                        # the crop RegLog's windows are for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +67,23 @@ def learning_rate(lr0: float, weight_decay: float, t) -> float:
   return lr0 / np.sqrt(1.0 + lr0 * weight_decay * t)
 
 
-def pool_window(layer: str, shape) -> int:
-  """RegLog's window where the map has the original's size, else the fast probe's rule."""
+def pool_window(layer: str, shape, image_size: int | None = None) -> int:
+  """RegLog's window (eval_linear.py l.245-260) for a 224-px input, else the fast probe's rule.
+
+  The original fixes the window by the layer alone, for its 224-px crops, whatever the front
+  pads: the released Sobel trunks see 226 px (2 pixels of pad before the unpadded 3x3 Sobel,
+  `vgg.front_size`), so conv3-4 are 113 px, and AvgPool2d(14, stride 14, padding 0) floors
+  113 / 14 to 8 as it does 112 / 14 (`_pool` floors the same way). `image_size` is the input
+  side; without it, a map of exactly 224 >> (max-pools before the layer) counts as one."""
   i = LAYERS.index(layer)
   h, w, c = (int(d) for d in shape)
-  if h == 224 >> POOLS_BEFORE[i] and w == h:
-    return WINDOWS[i]
-  return metrics.pool_stride(h, w, c)
+  original = (image_size == ORIGINAL_SIZE if image_size is not None
+              else h == ORIGINAL_SIZE >> POOLS_BEFORE[i] and w == h)
+  if not original:
+    return metrics.pool_stride(h, w, c)
+  if min(h, w) < WINDOWS[i]:
+    raise ValueError(f"{layer}'s {h}x{w} map is smaller than RegLog's window {WINDOWS[i]}")
+  return WINDOWS[i]
 
 
 def _pool(x: tf.Tensor, s: int) -> tf.Tensor:
@@ -102,6 +121,52 @@ def _test_dataset(pattern: str, image_size: int, batch_size: int) -> tf.data.Dat
   return _examples(pattern).map(center, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
 
 
+def init_head(dim: int, num_classes: int, rng: np.random.Generator) -> list:
+  """RegLog's nn.Linear (eval_linear.py l.261) with torch's default initialisation:
+  U(+-1/sqrt(fan_in)) for weight and bias."""
+  bound = 1.0 / math.sqrt(dim)
+  return [tf.Variable(rng.uniform(-bound, bound, [dim, num_classes]).astype(np.float32)),
+          tf.Variable(rng.uniform(-bound, bound, [num_classes]).astype(np.float32))]
+
+
+def softmax_ce(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+  """nn.CrossEntropyLoss (eval_linear.py l.285): the batch mean."""
+  return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+
+
+def make_step(trunk, windows: dict, heads: dict, lr0: dict, cfg, loss_fn=softmax_ce):
+  """One eval_linear.py iteration (`train_network`, l.287-321) for every layer's RegLog.
+
+  `trunk(images, training=False)` gives {layer: map}; `windows`, `heads` ([w, b]) and `lr0`
+  are keyed by layer; `cfg` gives `weight_decay` and `momentum`. Each step sets the rate
+  lr0 / sqrt(1 + lr0 * wd * t) at iteration t (l.291, `learning_rate_decay` l.371-374), then
+  torch.optim.SGD's step (`sgd_optimizer`, src/model/model_factory.py l.128-134: momentum
+  0.9, dampening 0, weight_decay=wd): g += wd * w; buf = m * buf + g (buf = g at the first
+  step, the same as from zero); w -= lr * buf. Returns (step(images, y) -> {layer: loss},
+  t), t the iteration counter."""
+  layers = tuple(windows)
+  momenta = {l: [tf.Variable(tf.zeros_like(v)) for v in heads[l]] for l in layers}
+  t = tf.Variable(0, dtype=tf.int64)
+
+  @tf.function(reduce_retracing=True)
+  def step(images, y):
+    feats = trunk(images, training=False)   # model.eval(), no gradient (l.182, l.304-305)
+    losses = {}
+    for l in layers:
+      x = tf.stop_gradient(_pool(feats[l], windows[l]))
+      with tf.GradientTape() as tape:
+        loss = loss_fn(tf.matmul(x, heads[l][0]) + heads[l][1], y)
+      lr = lr0[l] / tf.sqrt(1.0 + lr0[l] * cfg.weight_decay * tf.cast(t, tf.float32))
+      for v, g, buf in zip(heads[l], tape.gradient(loss, heads[l]), momenta[l]):
+        g = g + cfg.weight_decay * v
+        buf.assign(cfg.momentum * buf + g)
+        v.assign_sub(lr * buf)
+      losses[l] = loss
+    t.assign_add(1)
+    return losses
+  return step, t
+
+
 def probe(trunk, train_pattern: str, test_pattern: str, layers=LAYERS,
           cfg: OriginalProbeConfig = OriginalProbeConfig()) -> dict:
   """{layer: {'top1', 'top5', 'lr0', 'final_lr', 'steps', 'pool_window', 'dims', ...}}."""
@@ -110,7 +175,12 @@ def probe(trunk, train_pattern: str, test_pattern: str, layers=LAYERS,
     raise UserError(f"--probe=original probes conv1..conv13 (eval_linear.py's --conv); "
                     f"not {', '.join(bad)}")
   if cfg.lr_table not in LR_TABLES:
-    raise UserError(f"unknown learning-rate table {cfg.lr_table!r}: {sorted(LR_TABLES)}")
+    raise UserError(f"unknown --probe_lr_table {cfg.lr_table!r}: {sorted(LR_TABLES)}")
+  unset = [l for l in layers if l not in LR_TABLES[cfg.lr_table]]
+  if unset:
+    raise UserError(f"--probe_lr_table={cfg.lr_table} (conv13.sh) has a rate for "
+                    f"{', '.join(LR_TABLES[cfg.lr_table])} only, not {', '.join(unset)}: "
+                    "pass --layers=conv13")
   size = trunk.model_config.image_size
   labels = np.concatenate([y.numpy() for _, y in _examples(train_pattern).map(
       lambda ex: (ex["encoded"], ex["label"])).batch(4096)] or [np.zeros([0], np.int64)])
@@ -118,35 +188,12 @@ def probe(trunk, train_pattern: str, test_pattern: str, layers=LAYERS,
     raise UserError(f"--probe=original needs labelled images; {train_pattern} has none")
   num_classes = int(labels.max()) + 1
   shapes = trunk(tf.zeros([1, size, size, 3]), training=False)
-  windows = {l: pool_window(l, shapes[l].shape[1:]) for l in layers}
+  windows = {l: pool_window(l, shapes[l].shape[1:], size) for l in layers}
   rng = np.random.default_rng(cfg.seed)
-  heads, lr0 = {}, {}
-  for l in layers:
-    dim = int(_pool(shapes[l], windows[l]).shape[1])
-    bound = 1.0 / math.sqrt(dim)              # torch.nn.Linear's default initialisation
-    heads[l] = [tf.Variable(rng.uniform(-bound, bound, [dim, num_classes]).astype(np.float32)),
-                tf.Variable(rng.uniform(-bound, bound, [num_classes]).astype(np.float32))]
-    lr0[l] = LR_TABLES[cfg.lr_table][LAYERS.index(l)]
-  momenta = {l: [tf.Variable(tf.zeros_like(v)) for v in heads[l]] for l in layers}
-  t = tf.Variable(0, dtype=tf.int64)
-
-  @tf.function(reduce_retracing=True)
-  def step(images, y):
-    feats = trunk(images, training=False)
-    losses = {}
-    for l in layers:
-      x = tf.stop_gradient(_pool(feats[l], windows[l]))
-      with tf.GradientTape() as tape:
-        logits = tf.matmul(x, heads[l][0]) + heads[l][1]
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-      lr = lr0[l] / tf.sqrt(1.0 + lr0[l] * cfg.weight_decay * tf.cast(t, tf.float32))
-      for v, g, buf in zip(heads[l], tape.gradient(loss, heads[l]), momenta[l]):
-        g = g + cfg.weight_decay * v          # torch SGD: weight decay in the gradient, then
-        buf.assign(cfg.momentum * buf + g)    # buf = m * buf + g; w -= lr * buf
-        v.assign_sub(lr * buf)
-      losses[l] = loss
-    t.assign_add(1)
-    return losses
+  heads = {l: init_head(int(_pool(shapes[l], windows[l]).shape[1]), num_classes, rng)
+           for l in layers}
+  lr0 = {l: LR_TABLES[cfg.lr_table][l] for l in layers}
+  step, t = make_step(trunk, windows, heads, lr0, cfg)
 
   last = {}
   for images, y in train_dataset(train_pattern, size, cfg):
