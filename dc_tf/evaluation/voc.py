@@ -1,5 +1,10 @@
 """Pascal VOC 2007 classification on a frozen trunk, two protocols (the paper's Table 4).
-Point either at a VOC2007 folder (JPEGImages/, Annotations/, ImageSets/Main/{trainval,test}.txt).
+Point either at a VOC2007 folder (JPEGImages/, Annotations/, ImageSets/Main/<split>.txt).
+
+Every entry (`evaluate_voc`, `fc6_8`) takes `splits`: the
+original's two partitions, "trainval/test" (the published numbers) or "train/val" (what the
+scripts run without --split: eval_voc_classif.py l.36 `--split` default 'train' and l.66-69
+test 'val' / 'test'; DeeperCluster's eval_linear.py l.67 and l.111 the same).
 
   evaluate_voc   linear: a 20-way multi-label logistic probe on frozen fc6 / fc7 features,
                  BCE ignoring 'difficult' labels, 10-crop test (4 corners + centre, mirrored).
@@ -26,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dc_tf.config import UserError
 from dc_tf.data import preprocess
 from dc_tf.evaluation import metrics, probes
 
@@ -34,11 +40,28 @@ CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat"
            "train", "tvmonitor")
 
 
+# (train, test) pairs the original scripts can run: eval_voc_classif.py l.36 and l.66-69,
+# eval_linear.py l.67 (`choices=['train', 'trainval']`) and l.111.
+SPLITS = {"trainval/test": ("trainval", "test"), "train/val": ("train", "val")}
+
+
+class VocError(UserError, FileNotFoundError):
+  """A VOC folder or split that cannot be read; the message names the file or flag."""
+
+
+def parse_splits(splits: str) -> tuple[str, str]:
+  """'trainval/test' -> ('trainval', 'test'); the flag is evaluate.py's --voc_split."""
+  if splits not in SPLITS:
+    raise VocError(f"--voc_split must be one of {', '.join(SPLITS)} (the original's train -> "
+                   f"test partitions), got {splits!r}")
+  return SPLITS[splits]
+
+
 def read_split(voc_dir: str, split: str) -> tuple[list[str], np.ndarray]:
   """Image paths and targets [n, 20]: 1 present, 0 absent, -1 only 'difficult'."""
   list_file = os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt")
   if not os.path.isfile(list_file):
-    raise FileNotFoundError(f"VOC split list not found: {list_file}")
+    raise VocError(f"VOC split list not found: {list_file} (--voc_dir)")
   names = [l.strip() for l in open(list_file) if l.strip()]
   targets = np.zeros([len(names), len(CLASSES)], np.float32)
   for i, name in enumerate(names):
@@ -78,8 +101,9 @@ def _features(trunk, paths, size, layer, crops):
 
 
 def evaluate_voc(trunk, voc_dir: str, layers=("fc6", "fc7"), seed: int = 0,
-                 train_split: str = "trainval", test_split: str = "test") -> dict:
+                 splits: str = "trainval/test") -> dict:
   """mAP (%) per layer of a linear multi-label probe, 10-crop test."""
+  train_split, test_split = parse_splits(splits)
   size = trunk.model_config.image_size
   train_paths, train_t = read_split(voc_dir, train_split)
   test_paths, test_t = read_split(voc_dir, test_split)
@@ -90,6 +114,23 @@ def evaluate_voc(trunk, voc_dir: str, layers=("fc6", "fc7"), seed: int = 0,
     scores = probes.multilabel_probe(train_x, train_t, test_x, test_t, seed=seed)
     result[layer] = probes.voc_map(scores, test_t)[0]
   return result
+
+
+def eval_linear_map(scores: np.ndarray, targets: np.ndarray) -> tuple[float, dict]:
+  """(mAP %, {class: AP %}) as DeeperCluster's eval_linear.py `evaluate_pascal` scores
+  (l.230-237): per class, scikit-learn's AP over the images not 'difficult' for it
+  (`gts <= 1`: 255 there, -1 here), on the score less 1e-5 * target ("to make AP work for tied
+  scores", l.234): a positive less than 1e-5 above a negative ranks below it (exact ties
+  sklearn already counts as one group). Classes with no positive in the split are left out
+  (the original would average sklearn's 0 for them; every VOC07 split has all 20)."""
+  from sklearn.metrics import average_precision_score
+  aps = {}
+  for c, name in enumerate(CLASSES[:targets.shape[1]]):
+    keep = targets[:, c] >= 0
+    gt = targets[keep, c]
+    if gt.sum() > 0:
+      aps[name] = 100.0 * float(average_precision_score(gt, scores[keep, c] - 1e-5 * gt))
+  return (float(np.mean(list(aps.values()))) if aps else float("nan")), aps
 
 
 # ----------------------------------------------------------------------------- fc6-8
@@ -135,6 +176,16 @@ def masked_bce(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
   return tf.reduce_sum(bce * mask) / tf.cast(tf.shape(logits)[0], tf.float32)
 
 
+def clip_then_decay(grads, variables, clip_norm: float, weight_decay: float) -> list:
+  """The gradient torch's SGD steps on in eval_voc_classif.py: the raw gradient clipped to
+  global norm `clip_norm` first (l.235, `clip_grad_norm_(model.parameters(), 10)`), then
+  `optimizer.step()` (l.237) adds wd * w inside SGD (l.104-108, `weight_decay=args.wd`), so
+  the decay term is never clipped. (torch divides by norm + 1e-6, TF by the norm: 1e-7
+  relative at norm 10.)"""
+  grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+  return [g + weight_decay * v for g, v in zip(grads, variables)]
+
+
 # (weight decay, lr halving step) of the original README's two published commands.
 PUBLISHED = {"fc6_8": (1e-5, 20_000), "all": (1e-4, 10_000)}
 
@@ -154,11 +205,11 @@ def _trainable_copy(trunk):
 def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr: float = 0.003,
           lr_halving_steps: int | None = None, weight_decay: float | None = None,
           momentum: float = 0.9, clip_norm: float = 10.0, test_crops: int = 10, seed: int = 0,
-          train_split: str = "trainval", test_split: str = "test",
-          all_layers: bool = False) -> dict:
+          splits: str = "trainval/test", all_layers: bool = False) -> dict:
   """Trains fc6-fc8 on the frozen conv trunk (`all_layers`: the conv trunk too); weight decay
   and halving step default to the published command's (`PUBLISHED`). Returns {'map': %,
   'aps': [...], 'steps', 'protocol', 'weight_decay', 'lr_halving_steps', 'trained_variables'}."""
+  train_split, test_split = parse_splits(splits)
   default_wd, default_step = PUBLISHED["all" if all_layers else "fc6_8"]
   weight_decay = default_wd if weight_decay is None else weight_decay
   lr_halving_steps = default_step if lr_halving_steps is None else lr_halving_steps
@@ -190,10 +241,7 @@ def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr
     with tf.GradientTape() as tape:
       feats = _conv_features(conv_trunk, images)   # BN in inference mode in both protocols
       loss = masked_bce(head(feats, training=True), targets)
-    grads = tape.gradient(loss, variables)
-    # torch's SGD weight decay: wd * w added to every parameter's gradient.
-    grads = [g + weight_decay * v for g, v in zip(grads, variables)]
-    grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+    grads = clip_then_decay(tape.gradient(loss, variables), variables, clip_norm, weight_decay)
     # lr halved every lr_halving_steps, as the original's step decay.
     opt.learning_rate.assign(lr * 0.5 ** tf.cast(step_var // lr_halving_steps, tf.float32))
     opt.apply_gradients(zip(grads, variables))
@@ -217,7 +265,7 @@ def fc6_8(trunk, voc_dir: str, *, steps: int = 150_000, batch_size: int = 16, lr
                .batch(64))
     total += np.concatenate([scores(x).numpy() for x in test_ds])
   m, aps = probes.voc_map(total, test_t)
-  return {"map": m, "aps": aps, "steps": int(step_var.numpy()),
+  return {"map": m, "aps": aps, "steps": int(step_var.numpy()), "splits": splits,
           "protocol": "all" if all_layers else "fc6_8", "weight_decay": weight_decay,
           "lr_halving_steps": lr_halving_steps, "final_lr": float(opt.learning_rate.numpy()),
           "trained_variables": len(variables), "conv_variables_moved": conv_moved}
