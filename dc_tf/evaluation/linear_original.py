@@ -18,6 +18,9 @@ Here the layers share each batch's crops and one trunk pass (each classifier sti
 learning rate, momentum and decay: they are independent, so this equals separate jobs up to
 which random crops are drawn). Maps of other sizes than the original's (images under 224 px)
 are pooled with `metrics.pool_stride` (under 10k values), the fast probe's rule.
+
+`voc_probe` is Table 3's VOC07 column: the same RegLog on conv13 with eval_linear.py's Pascal
+branch (multi-label BCE, 'difficult' masked, centre-crop test, its mAP), conv13.sh l.29.
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ import tensorflow as tf
 
 from dc_tf.config import UserError
 from dc_tf.data import decoder, preprocess, reader
-from dc_tf.evaluation import metrics
+from dc_tf.evaluation import metrics, voc
 
 LAYERS = tuple(f"conv{i}" for i in range(1, 14))
 # --lr per conv layer, one table per script (every job: --wd 0.00001 --batch_size 256
 # --nepochs 100). linear_classif_layers.sh is the paper's Fig. 2 / Table 4, conv1..conv13:
 # ImageNet l.18, 23, 28, ..., 78 (conv<i> at l.13 + 5i); Places205 l.87, 92, ..., 147 (l.82 + 5i).
 # conv13.sh is Table 3, conv13 only: ImageNet l.19 (0.02, as linear_classif_layers.sh l.78),
-# Places205 l.24 (0.03, where linear_classif_layers.sh l.147 has 0.02).
+# Places205 l.24 (0.03, where linear_classif_layers.sh l.147 has 0.02). Its Pascal line (l.29)
+# is `voc_probe`'s VocProbeConfig.
 LR_TABLES = {
     "imagenet": dict(zip(LAYERS, (0.005, 0.01, 0.03, 0.03, 0.03, 0.03, 0.02, 0.03, 0.03, 0.03,
                                   0.02, 0.02, 0.02))),
@@ -219,3 +223,88 @@ def probe(trunk, train_pattern: str, test_pattern: str, layers=LAYERS,
               "dims": int(heads[l][0].shape[0]),
               "train_loss": float(last[l]) if l in last else float("nan")}
           for l in layers}
+
+
+# ------------------------------------------------------------ Table 3's VOC07 column
+@dataclasses.dataclass(frozen=True)
+class VocProbeConfig:
+  """conv13.sh l.29: `--conv 13 --batch_size 128 --lr 0.02 --wd 0.00001 --nepochs 60` (momentum
+  0.9 from `sgd_optimizer`)."""
+  layer: str = "conv13"
+  epochs: int = 60
+  batch_size: int = 128
+  lr: float = 0.02
+  weight_decay: float = 1e-5
+  momentum: float = 0.9
+  seed: int = 0
+
+
+def voc_train_dataset(encoded: list, targets: np.ndarray, image_size: int,
+                      cfg: VocProbeConfig) -> tf.data.Dataset:
+  """(crops, targets) batches as eval_linear.py's Pascal loader gives them: reshuffled every
+  epoch (l.129-131, shuffle=True), batches that stop at the epoch's end (drop_last False, so
+  ceil(n / batch) iterations an epoch), a new RandomResizedCrop(224) and flip of each image
+  at every draw (`tr_train`, l.138-139; src/data/loader.py l.53-58)."""
+  ds = (tf.data.Dataset.from_tensor_slices((encoded, targets))
+        .shuffle(len(encoded), seed=cfg.seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size).repeat(cfg.epochs).enumerate())
+
+  def crops(i, batch):
+    j = tf.range(tf.shape(batch[0])[0], dtype=tf.int64)
+    seeds = tf.stack([tf.fill(tf.shape(j), tf.constant(cfg.seed, tf.int64)),
+                      i * cfg.batch_size + j], axis=1)
+    images = tf.map_fn(
+        lambda a: preprocess.normalize(preprocess.train_transform_encoded(a[0], image_size, a[1])),
+        (batch[0], seeds), fn_output_signature=tf.TensorSpec([image_size, image_size, 3]))
+    return images, batch[1]
+  return ds.map(crops, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def voc_probe(trunk, voc_dir: str, cfg: VocProbeConfig = VocProbeConfig(),
+              splits: str = "train/val") -> dict:
+  """eval_linear.py on Pascal VOC 2007 (conv13.sh l.29, the paper's Table 3 VOC column).
+
+  RegLog on `cfg.layer` with 20 outputs (l.154-155), nn.BCEWithLogitsLoss per class, the
+  'difficult' (255 there, -1 here) entries zeroed, summed and divided by the batch size
+  (l.283, l.309-313: `voc.masked_bce`), `make_step`'s SGD and rate. The test
+  (`evaluate_pascal`, l.205-238) scores one centre crop per image (`tr_val`, resize 256 and
+  crop 224: l.138-140, loader.py l.45-50), the output added twice (l.227-229; a scaling, AP
+  unchanged), and averages sklearn's AP over classes (`voc.eval_linear_map`); the original
+  logs it after every epoch, this the last. `splits` defaults to what conv13.sh runs: it
+  passes no --split, so eval_linear.py trains on 'train' (l.67) and tests on 'val' (l.111);
+  "trainval/test" is the other partition. Returns {'map': %, 'aps': {class: %}, ...}."""
+  if cfg.layer not in LAYERS:
+    raise UserError(f"the VOC probe takes conv1..conv13 (eval_linear.py's --conv), not "
+                    f"{cfg.layer!r}")
+  train_split, test_split = voc.parse_splits(splits)
+  train_bytes, train_t = voc._encoded_split(voc_dir, train_split)
+  test_bytes, test_t = voc._encoded_split(voc_dir, test_split)
+  if not train_bytes or not test_bytes:
+    raise UserError(f"--voc_dir {voc_dir}: the {splits} split lists are empty")
+  size, layer = trunk.model_config.image_size, cfg.layer
+  shape = trunk(tf.zeros([1, size, size, 3]), training=False)[layer]
+  window = pool_window(layer, shape.shape[1:], size)
+  head = init_head(int(_pool(shape, window).shape[1]), len(voc.CLASSES),
+                   np.random.default_rng(cfg.seed))
+  step, t = make_step(trunk, {layer: window}, {layer: head}, {layer: cfg.lr}, cfg,
+                      loss_fn=voc.masked_bce)
+  last = {}
+  for images, targets in voc_train_dataset(train_bytes, train_t, size, cfg):
+    last = step(images, targets)
+  steps = int(t.numpy())
+
+  def center(encoded):
+    return preprocess.eval_transform(decoder.decode_rgb(encoded), size)
+  test_ds = (tf.data.Dataset.from_tensor_slices(test_bytes)
+             .map(center, num_parallel_calls=tf.data.AUTOTUNE).batch(cfg.batch_size))
+  logits = np.concatenate([
+      _pool(trunk(x, training=False)[layer], window).numpy() @ head[0].numpy() + head[1].numpy()
+      for x in test_ds])
+  m, aps = voc.eval_linear_map(2.0 * logits, test_t)
+  return {"map": m, "aps": aps, "protocol": "eval_linear_pascal", "layer": layer,
+          "splits": splits, "steps": steps, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+          "lr0": cfg.lr, "final_lr": float(learning_rate(cfg.lr, cfg.weight_decay,
+                                                         max(steps - 1, 0))),
+          "weight_decay": cfg.weight_decay, "momentum": cfg.momentum, "pool_window": window,
+          "dims": int(head[0].shape[0]),
+          "train_loss": float(last[layer]) if layer in last else float("nan")}

@@ -1,7 +1,7 @@
 """Pascal VOC 2007 classification on a frozen trunk, two protocols (the paper's Table 4).
 Point either at a VOC2007 folder (JPEGImages/, Annotations/, ImageSets/Main/<split>.txt).
 
-Every entry (`evaluate_voc`, `fc6_8`) takes `splits`: the
+Every entry (`evaluate_voc`, `fc6_8`, `linear_original.voc_probe`) takes `splits`: the
 original's two partitions, "trainval/test" (the published numbers) or "train/val" (what the
 scripts run without --split: eval_voc_classif.py l.36 `--split` default 'train' and l.66-69
 test 'val' / 'test'; DeeperCluster's eval_linear.py l.67 and l.111 the same).

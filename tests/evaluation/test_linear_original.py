@@ -96,6 +96,7 @@ def test_lr_tables_are_the_scripts():
   assert lo.LR_TABLES["places205_conv13"] == {"conv13": table3[("PLACES", 13)][0]}
   assert lo.LR_TABLES["places205_conv13"]["conv13"] != lo.LR_TABLES["places205"]["conv13"]
   assert lo.LR_TABLES["imagenet_conv13"]["conv13"] == lo.LR_TABLES["imagenet"]["conv13"]
+  assert lo.VocProbeConfig().lr == table3[("PASCAL", 13)][0]
 
 
 def test_conv13_table_refuses_other_layers():
