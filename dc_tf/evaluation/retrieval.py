@@ -106,7 +106,7 @@ def load_image(path: str, max_side: int, box=None, crop_first: bool = False) -> 
   try:
     with Image.open(path) as im:
       im = im.convert("RGB")
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise RetrievalError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
   if box is not None and crop_first:
     im = im.crop(tuple(float(v) for v in box))
@@ -200,7 +200,8 @@ class _Extractor:
     out = []
     for i, path in enumerate(paths):
       image = load_image(path, self.max_side, None if boxes is None else boxes[i], crop_first)
-      out.append(region_vectors(self.fn(image[None]).numpy()[0], self.levels))
+      feature_map = np.asarray(self.fn(image[None]).numpy()[0], np.float32)  # any policy
+      out.append(region_vectors(feature_map, self.levels))
       if self.progress and (i + 1) % 500 == 0:
         print(f"retrieval: {what} {i + 1}/{len(paths)}", flush=True)
     return out
@@ -225,7 +226,8 @@ def evaluate_retrieval(trunk, datasets=("oxford5k", "paris6k"), root: str = "", 
   Returns:
     classic {'map', 'aps': {query: AP}}, revisited {'easy'|'medium'|'hard': {'map', 'mp@1',
     'mp@5', 'mp@10', 'n_queries'}}, both in percent, plus 'whitened_on', 'n_images',
-    'n_queries', 'energy' (the whitening's kept share of the eigenvalue sum).
+    'n_queries', 'n_missing' (classic gt names absent from jpg/ and the blacklist, scored as
+    never retrieved) and 'energy' (the whitening's kept share of the eigenvalue sum).
   """
   if isinstance(trunk, str):
     from dc_tf.evaluation import evaluator
@@ -238,7 +240,11 @@ def evaluate_retrieval(trunk, datasets=("oxford5k", "paris6k"), root: str = "", 
     return sets[name]
   for name in datasets:                      # every file checked before any image is read
     get(name)
-    get(whiten_on[name])
+    try:
+      get(whiten_on[name])
+    except rd.RetrievalDataError as e:
+      raise rd.RetrievalDataError(f"{name} is whitened on {whiten_on[name]}'s database "
+                                  f"(eval_retrieval.py:416-417): {e}") from e
   extract = _Extractor(trunk, max_side, levels, progress)
   database = {}
   def db_regions(name):
@@ -261,5 +267,8 @@ def evaluate_retrieval(trunk, datasets=("oxford5k", "paris6k"), root: str = "", 
       rankings = np.argsort(-sim, axis=1, kind="stable")
     report[name] = {**rd.score(data, rankings), "whitened_on": whiten_on[name],
                     "n_images": len(data.images), "n_queries": len(data.queries),
-                    "energy": whitening.energy}
+                    "n_missing": len(data.missing), "energy": whitening.energy}
+    if data.missing:
+      print(f"retrieval: {name}: {len(data.missing)} images named in the ground truth are not "
+            f"in its jpg/ (e.g. {data.missing[0]}); they count as never retrieved", flush=True)
   return report

@@ -78,6 +78,8 @@ class RetrievalSet:
   protocol: str                 # 'classic' or 'revisited'
   images: list                  # database image paths, in database order
   queries: list                 # [Query]
+  missing: tuple = ()           # gt names neither in jpg/ nor blacklisted (classic): counted
+                                # as never retrieved, as compute_ap would; reported
 
 
 def dataset_dir(root: str, name: str) -> str:
@@ -121,7 +123,7 @@ def read_classic(root: str, name: str, blacklist=None) -> RetrievalSet:
   names = [f[:-4] for f in sorted(os.listdir(img_dir))
            if f.lower().endswith(".jpg") and f[:-4] not in black]
   index = {n: i for i, n in enumerate(names)}
-  queries = []
+  queries, missing = [], set()
   for f in sorted(os.listdir(lab_dir)):
     if not f.endswith("_query.txt"):
       continue
@@ -138,6 +140,7 @@ def read_classic(root: str, name: str, blacklist=None) -> RetrievalSet:
     good = set(_read_lines(os.path.join(lab_dir, f"{q}_good.txt")))
     good |= set(_read_lines(os.path.join(lab_dir, f"{q}_ok.txt")))
     junk = set(_read_lines(os.path.join(lab_dir, f"{q}_junk.txt")))
+    missing |= {n for n in good | junk if n not in index and n not in black}
     queries.append(Query(
         q, os.path.join(img_dir, image + ".jpg"), np.array(fields[1:], np.float32),
         positive=np.array(sorted(index[n] for n in good if n in index), np.int64),
@@ -146,7 +149,7 @@ def read_classic(root: str, name: str, blacklist=None) -> RetrievalSet:
   if not queries:
     raise RetrievalDataError(f"{name}: no *_query.txt in {lab_dir}")
   return RetrievalSet(name, "classic", [os.path.join(img_dir, n + ".jpg") for n in names],
-                      queries)
+                      queries, tuple(sorted(missing)))
 
 
 class _GroundTruthUnpickler(pickle.Unpickler):

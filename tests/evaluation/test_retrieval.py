@@ -274,13 +274,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
   with pytest.raises(retrieval.RetrievalError, match="broken.jpg") as e:
     retrieval.load_image(str(bad), 64)
   assert "\n" not in str(e.value)
-  # A user's blacklist file replaces the built-in list.
   (tmp_path / "oxford5k" / "lab" / "c_1_ok.txt").write_text("")
+  # The other city is needed too: its database fits the whitening.
+  with pytest.raises(UserError, match="whitened on paris6k.*paris6k"):
+    retrieval.evaluate_retrieval(None, ("oxford5k",), str(tmp_path))
+  # A user's blacklist file replaces the built-in list.
   black = tmp_path / "black.txt"
   black.write_text("oxford_a_000002\n")
   data = rd.read_classic(str(tmp_path), "oxford5k", str(black))
   assert len(data.images) == 8 and not any("a_000002" in p for p in data.images)
   assert data.queries[0].n_positive == 3 and data.queries[0].positive.tolist() == [0, 1]
+  assert data.missing == ()                       # blacklisted on purpose: not missing
+  # A gt image absent from jpg/ is counted (and scored as never retrieved), not dropped.
+  os.remove(tmp_path / "oxford5k" / "jpg" / "oxford_c_000002.jpg")
+  assert rd.read_classic(str(tmp_path), "oxford5k").missing == ("oxford_c_000002",)
 
 
 def test_end_to_end_miniature(tmp_path, monkeypatch):
@@ -317,7 +324,7 @@ def test_end_to_end_miniature(tmp_path, monkeypatch):
   assert extracted["oxford5k database"][:2] == (False, False)
   ox, pa = out["oxford5k"], out["paris6k"]
   assert ox["whitened_on"] == "paris6k" and pa["whitened_on"] == "oxford5k"
-  assert pa["n_images"] == 9 and ox["n_queries"] == 4
+  assert pa["n_images"] == 9 and ox["n_queries"] == 4 and pa["n_missing"] == 0
   wrong = 100 * sum((j - 1) / (j + 2) + j / (j + 3) for j in range(1, 7)) / 2 / 6
   hand = {"oxford5k": {"a_1": 100, "b_1": 100, "c_1": 100, "wrong_1": wrong},
           "paris6k": {"a_1": 100, "b_1": 75, "c_1": 100, "wrong_1": wrong}}
