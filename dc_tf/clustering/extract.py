@@ -3,6 +3,8 @@
 Each worker reads its own shards (file-level split by `InputContext`), every local replica
 extracts its share on its own device (`extract_per_replica`), and the features and image
 ids stay in host memory, one array per replica; nothing is written to disk or exchanged.
+`stream` yields the same batches one by one for a caller that writes them away (the
+evaluation's feature files, issue 35).
 """
 
 from __future__ import annotations
@@ -95,7 +97,19 @@ def extract_per_replica(strategy, trunk, pattern: str, *, image_size: int,
   ds = reader.build_extraction_dataset(pattern, image_size=image_size, batch_size=batch_size,
                                        input_context=ctx)
 
-  placed = [None] * n_local   # the device each replica's ops are pinned to (at tracing)
+  forward, placed = _replica_forward(strategy, trunk, tuple(endpoints))
+  outs = _run(ds, forward, n_local, pattern, endpoints, progress, 0, postprocess, dtype)
+  for out, device in zip(outs, placed):
+    out["computed_on"] = device or out["computed_on"]
+  return outs
+
+
+def _replica_forward(strategy, trunk, endpoints: tuple):
+  """(forward, placed): forward(one image batch per local replica) runs the trunk on every
+  local replica at once (one `strategy.run`) and gives each replica's endpoints; `placed`
+  lists the device each replica's ops were pinned to (filled at tracing)."""
+  n_local = dist.num_local_replicas(strategy)
+  placed = [None] * n_local
 
   @tf.function(reduce_retracing=True)
   def run(images):
@@ -111,11 +125,60 @@ def extract_per_replica(strategy, trunk, pattern: str, *, image_size: int,
     out = run(dist.distribute_local(strategy, images))
     return [{e: strategy.experimental_local_results(out[e])[i] for e in endpoints}
             for i in range(n_local)]
+  return forward, placed
 
-  outs = _run(ds, forward, n_local, pattern, endpoints, progress, 0, postprocess, dtype)
-  for out, device in zip(outs, placed):
-    out["computed_on"] = device or out["computed_on"]
-  return outs
+
+def stream(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
+           endpoints=("fc7",), strategy=None, progress: bool = True):
+  """Yields (batch, {endpoint: float32 array}) for every batch of the whole set once, in
+  shard order, holding nothing: what `extract` keeps in memory, for a caller that writes
+  each batch away (evaluate.py on ImageNet: pooled conv1..conv13 are ~580 GB a set, issue 35).
+
+  With a `strategy` of several local replicas, each round deals one batch to every local
+  replica and runs them at once (as `extract_per_replica`); the batches still come out in
+  shard order, so the rows are those of one device. No input split between workers: every
+  worker that calls this reads the whole set. batch['computed_on'] is the device its
+  features came from.
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  n_local = dist.num_local_replicas(strategy)
+  ds = reader.build_extraction_dataset(pattern, image_size=image_size, batch_size=batch_size)
+  endpoints = tuple(endpoints)
+  if n_local == 1:
+    run = _inference_function(trunk, endpoints, ds.element_spec["image"])
+    forward, placed = (lambda images: [run(images[0])]), [None]
+  else:
+    forward, placed = _replica_forward(strategy, trunk, endpoints)
+  skipped, seen = 0, 0
+  bar = tqdm(unit="img", desc="extracting features", disable=not progress, leave=False)
+  it = iter(ds)
+  try:
+    while True:
+      batches = [b for b in (next(it, None) for _ in range(n_local)) if b is not None]
+      if not batches:
+        break
+      blank = tf.zeros([0, *batches[0]["image"].shape[1:]], batches[0]["image"].dtype)
+      images = [b["image"] for b in batches] + [blank] * (n_local - len(batches))
+      for i, (batch, feats) in enumerate(zip(batches, forward(images))):
+        skipped = max(skipped, int(batch["skipped"].numpy().max()))
+        out = {k: batch[k].numpy() for k in KEYS}
+        out["skipped"] = skipped
+        out["computed_on"] = placed[i] or feats[endpoints[0]].device
+        seen += len(out["image_id"])
+        bar.update(len(out["image_id"]))
+        yield out, {e: feats[e].numpy() for e in endpoints}
+  finally:   # also when the caller stops early (max_images)
+    bar.close()
+  if not seen:
+    raise _no_images(pattern, skipped)
+
+
+def _no_images(pattern: str, skipped: int) -> reader.DataError:
+  corrupt = reader.corrupt_shards(reader.list_shards(pattern))
+  detail = (f"; {len(corrupt)} corrupt shard file(s), not TFRecord or damaged: "
+            f"{', '.join(corrupt[:5])}{' ...' if len(corrupt) > 5 else ''}" if corrupt else "")
+  return reader.DataError(f"no decodable image in {pattern!r} ({skipped} bad records "
+                          f"skipped{detail})")
 
 
 def _run(ds, forward, n_local, pattern, endpoints, progress, max_images, postprocess,
@@ -149,11 +212,7 @@ def _run(ds, forward, n_local, pattern, endpoints, progress, max_images, postpro
       break
   bar.close()
   if not cols[0]["image_id"]:
-    corrupt = reader.corrupt_shards(reader.list_shards(pattern))
-    detail = (f"; {len(corrupt)} corrupt shard file(s), not TFRecord or damaged: "
-              f"{', '.join(corrupt[:5])}{' ...' if len(corrupt) > 5 else ''}" if corrupt else "")
-    raise reader.DataError(f"no decodable image in {pattern!r} ({skipped} bad records "
-                           f"skipped{detail})")
+    raise _no_images(pattern, skipped)
   empty = {k: [cols[0][k][0][:0]] for k in (*endpoints, *KEYS)}  # a replica with no batch
   outs = []
   for c in cols:
