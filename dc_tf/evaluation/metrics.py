@@ -22,20 +22,34 @@ def _weighted_votes(sims: np.ndarray, neighbour_labels: np.ndarray, num_classes:
 
 def knn_predict(train_x, train_y, test_x, k: int = 20, temperature: float = 0.07,
                 chunk: int = 1024, exclude_self: bool = False) -> np.ndarray:
-  """Cosine kNN with temperature-weighted votes (Wu et al., 2018, as used by DINO)."""
-  train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
+  """Cosine kNN with temperature-weighted votes (Wu et al., 2018, as used by DINO).
+
+  train_x / test_x: [n, d] arrays or `feature_store.LayerRows` (features on disk). A block
+  of `chunk` test rows keeps a running top-k while the train rows go by in blocks of
+  `chunk`: memory is chunk x (d + chunk + k), not the train set (issue 35), and the train
+  rows are read once per test block."""
   train_y = np.asarray(train_y)
   num_classes = int(train_y.max()) + 1
   k = min(k, len(train_x) - int(exclude_self))
   preds = []
   for start in range(0, len(test_x), chunk):
-    sims = test_x[start:start + chunk] @ train_x.T
-    if exclude_self:
-      rows = np.arange(sims.shape[0])
-      sims[rows, start + rows] = -np.inf
-    idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    top = np.take_along_axis(sims, idx, axis=1)
-    preds.append(_weighted_votes(top, train_y[idx], num_classes, temperature))
+    query = l2_normalize(test_x[start:start + chunk])
+    rows = np.arange(len(query))
+    best_s = np.zeros([len(query), 0], np.float32)
+    best_i = np.zeros([len(query), 0], np.int64)
+    for t0 in range(0, len(train_x), chunk):
+      sims = query @ l2_normalize(train_x[t0:t0 + chunk]).T
+      if exclude_self:   # query row start + r is train row start + r
+        hit = (start + rows >= t0) & (start + rows < t0 + sims.shape[1])
+        sims[rows[hit], start + rows[hit] - t0] = -np.inf
+      cand_s = np.concatenate([best_s, sims], axis=1)
+      cand_i = np.concatenate([best_i, np.broadcast_to(
+          np.arange(t0, t0 + sims.shape[1]), sims.shape)], axis=1)
+      if cand_s.shape[1] > k:
+        keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+        cand_s, cand_i = (np.take_along_axis(c, keep, axis=1) for c in (cand_s, cand_i))
+      best_s, best_i = cand_s, cand_i
+    preds.append(_weighted_votes(best_s, train_y[best_i], num_classes, temperature))
   return np.concatenate(preds)
 
 

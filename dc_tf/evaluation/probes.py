@@ -6,27 +6,46 @@ import numpy as np
 import tensorflow as tf
 
 
-def _standardize(train, test):
-  mean, std = train.mean(0), train.std(0) + 1e-6
-  return (train - mean) / std, (test - mean) / std
+def moments(x, rows_per_block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+  """Per-column mean and standard deviation of an [n, d] array or `feature_store.LayerRows`,
+  one pass over blocks, merged in float64 (Chan et al.'s pairwise update: no
+  sum-of-squares cancellation); memory is a block."""
+  n_all, mean, m2 = 0, None, None
+  for start in range(0, len(x), rows_per_block):
+    block = np.asarray(x[start:start + rows_per_block], np.float64)
+    n, block_mean = len(block), block.mean(0)
+    block_m2 = ((block - block_mean) ** 2).sum(0)
+    if mean is None:
+      n_all, mean, m2 = n, block_mean, block_m2
+      continue
+    delta, total = block_mean - mean, n_all + n
+    mean = mean + delta * (n / total)
+    m2 = m2 + block_m2 + delta ** 2 * (n_all * n / total)
+    n_all = total
+  return mean, np.sqrt(m2 / n_all)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, epochs: int = 60, batch_size: int = 256,
                  lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 0,
-                 train_ids=None) -> dict:
+                 train_ids=None, rows_per_block: int = 1024) -> dict:
   """Multinomial logistic regression (Adam, L2) on standardised features.
 
-  With `train_ids` (the images' ids) the training rows are first put in id order, so the
-  result does not depend on the order the features were read in (shards are interleaved;
-  minibatch order alone moved top-1 by ~1 point). Returns top-1 / top-5 (%) on the test set.
+  train_x / test_x: [n, d] arrays, or `feature_store.LayerRows` (features on disk, issue 35):
+  only a minibatch or a block of `rows_per_block` rows is in memory at a time, and the
+  mean / std come from one streaming pass in float64 (cast to float32 to standardise, as
+  before). With `train_ids` (the images' ids) the minibatches are drawn from the rows in id
+  order, so the result does not depend on the order the features were read in (shards are
+  interleaved; minibatch order alone moved top-1 by ~1 point). Returns top-1 / top-5 (%) on
+  the test set.
   """
-  if train_ids is not None:
-    order = np.argsort(np.asarray(train_ids), kind="stable")
-    train_x, train_y = np.asarray(train_x)[order], np.asarray(train_y)[order]
-  train_x, test_x = _standardize(np.asarray(train_x, np.float32), np.asarray(test_x, np.float32))
   train_y, test_y = np.asarray(train_y, np.int64), np.asarray(test_y, np.int64)
   if (train_y < 0).any() or (test_y < 0).any():
     raise ValueError("linear probe needs labels: these shards have images without a label")
+  by_id = (np.argsort(np.asarray(train_ids), kind="stable") if train_ids is not None
+           else np.arange(len(train_y)))
+  train_y = train_y[by_id]
+  mean, std = moments(train_x, rows_per_block)
+  mean, std = mean.astype(np.float32), (std + 1e-6).astype(np.float32)
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   tf.random.set_seed(seed)
   w = tf.Variable(tf.zeros([train_x.shape[1], num_classes]))
@@ -45,14 +64,20 @@ def linear_probe(train_x, train_y, test_x, test_y, *, epochs: int = 60, batch_si
 
   rng = np.random.default_rng(seed)
   for _ in range(epochs):
-    order = rng.permutation(len(train_x))
+    order = rng.permutation(len(train_y))
     for start in range(0, len(order), batch_size):
       idx = order[start:start + batch_size]
-      step(tf.constant(train_x[idx]), tf.constant(train_y[idx]))
-  logits = test_x @ w.numpy() + b.numpy()
-  top5 = np.argsort(-logits, axis=1)[:, :5]
-  return {"top1": float(100 * np.mean(top5[:, 0] == test_y)),
-          "top5": float(100 * np.mean((top5 == test_y[:, None]).any(axis=1)))}
+      x = (np.asarray(train_x[by_id[idx]], np.float32) - mean) / std
+      step(tf.constant(x), tf.constant(train_y[idx]))
+  w_np, b_np = w.numpy(), b.numpy()
+  hits1 = hits5 = 0
+  for start in range(0, len(test_y), rows_per_block):
+    x = (np.asarray(test_x[start:start + rows_per_block], np.float32) - mean) / std
+    top5 = np.argsort(-(x @ w_np + b_np), axis=1)[:, :5]
+    y = test_y[start:start + rows_per_block]
+    hits1 += int(np.sum(top5[:, 0] == y))
+    hits5 += int(np.sum((top5 == y[:, None]).any(axis=1)))
+  return {"top1": float(100 * (hits1 / len(test_y))), "top5": float(100 * (hits5 / len(test_y)))}
 
 
 def multilabel_probe(train_x, train_t, test_x, test_t, *, epochs: int = 100, lr: float = 1e-3,
