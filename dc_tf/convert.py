@@ -8,7 +8,12 @@ writes what a training run writes for its trunk (`checkpointing`): MODEL_DIR/con
 MODEL_DIR/converted_from.json (the file's sha256, layout, dropped keys). `evaluate.py
 --checkpoint=DIR`, `python -m dc_tf.export --model_dir=DIR` and `train.py --init_checkpoint=DIR`
 read it. Torch is not needed: `torch_pickle` reads both PyTorch containers and runs no
-pickled code.
+pickled code, and a file whose data would take more than --max_load_bytes (2 GiB) of memory
+is refused before it does (issue 37).
+
+The converter deletes nothing it did not write: a non-empty MODEL_DIR, or a
+MODEL_DIR.converting folder it finds (its staging folder, left by another run), is an error
+unless --overwrite, which replaces the run dir whole once the new one is written.
 
 Layouts (issue 26):
   deepercluster  facebookresearch/DeeperCluster's `ours.pth`, `deepcluster_flickr.pth`,
@@ -39,6 +44,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
@@ -318,9 +324,34 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: dict | None = None):
+def staging_dir(model_dir: str) -> str:
+  return model_dir.rstrip("/") + ".converting"
+
+
+def check_targets(model_dir: str, overwrite: bool = False) -> None:
+  """Refuses to go on where the run would delete what this run did not write (issue 37): a
+  non-empty `model_dir`, or a `<model_dir>.converting` folder (an interrupted conversion's,
+  or anyone's), unless `overwrite`. Never prompts: CI has no standard input."""
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise ConversionError(f"--model_dir={model_dir} is a file, not a directory")
+  if overwrite:
+    return
+  if os.path.isdir(model_dir) and os.listdir(model_dir):
+    raise ConversionError(f"--model_dir={model_dir} is not empty: the converter writes a new "
+                          "run directory; pass --overwrite to replace it")
+  staging = staging_dir(model_dir)
+  if os.path.lexists(staging):
+    raise ConversionError(f"{staging} exists (an interrupted conversion's?): the converter "
+                          "stages the run there and deletes only what it wrote; remove it or "
+                          "pass --overwrite")
+
+
+def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: dict | None = None,
+              overwrite: bool = False):
   """Writes config.json, ckpt/ckpt-<epoch> and converted_from.json, all or nothing: into a
-  sibling folder first, renamed to `model_dir` at the end."""
+  sibling folder first, renamed to `model_dir` at the end. An existing run dir or staging
+  folder is replaced only with `overwrite` (`check_targets`)."""
+  check_targets(model_dir, overwrite)
   import tensorflow as tf
   from dc_tf.models import vgg
   from dc_tf.training import checkpointing
@@ -337,8 +368,12 @@ def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: d
       raise ConversionError(f"layer {name}: converted shapes {[a.shape for a in arrays]} do "
                             f"not fit the trunk's {want}")
     layer.set_weights(arrays)
-  staging = model_dir.rstrip("/") + ".converting"
-  shutil.rmtree(staging, ignore_errors=True)
+  staging = staging_dir(model_dir)
+  if os.path.lexists(staging):      # overwrite: checked above
+    if os.path.isdir(staging) and not os.path.islink(staging):
+      shutil.rmtree(staging)
+    else:
+      os.remove(staging)
   try:
     checkpointing.write_config(staging, config)
     # The original counts epochs: saved as step, one step an epoch, so a card says both.
@@ -352,9 +387,7 @@ def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: d
       json.dump({**(source or {}), "layout": converted.layout, "front": config.model.front,
                  "dropped_keys": converted.dropped,
                  **({"notes": converted.notes} if converted.notes else {})}, f, indent=2)
-    if os.path.isdir(model_dir):
-      os.rmdir(model_dir)   # empty (checked before): replaced by the staged folder
-    os.replace(staging, model_dir)
+    _replace_dir(staging, model_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   # A CheckpointManager records absolute paths in ckpt/checkpoint: rewrite them relative,
@@ -364,13 +397,31 @@ def write_run(converted: Converted, model_dir: str, *, epoch: int = 0, source: d
   return config
 
 
-def convert_file(path: str, model_dir: str, *, image_size: int = 224,
-                 layout: str = "auto") -> ExperimentConfig:
-  """Reads, checks and converts `path`; writes the run dir only once everything fits."""
-  if os.path.isdir(model_dir) and os.listdir(model_dir):
-    raise ConversionError(f"--model_dir={model_dir} is not empty: the converter writes a new "
-                          "run directory")
-  obj = torch_pickle.load(path)
+def _replace_dir(staging: str, model_dir: str) -> None:
+  """Renames the staged run to `model_dir`. An empty `model_dir` is removed first; a full one
+  (with overwrite) is moved aside and deleted only once the new one is in place."""
+  if not os.path.isdir(model_dir):
+    os.replace(staging, model_dir)
+    return
+  if not os.listdir(model_dir):
+    os.rmdir(model_dir)
+    os.replace(staging, model_dir)
+    return
+  parent = os.path.dirname(os.path.abspath(model_dir.rstrip("/")))
+  aside = tempfile.mkdtemp(prefix=os.path.basename(model_dir.rstrip("/")) + ".replaced.",
+                           dir=parent)
+  os.replace(model_dir, os.path.join(aside, "old"))
+  os.replace(staging, model_dir)
+  shutil.rmtree(aside)
+
+
+def convert_file(path: str, model_dir: str, *, image_size: int = 224, layout: str = "auto",
+                 max_load_bytes: int = torch_pickle.DEFAULT_MAX_BYTES,
+                 overwrite: bool = False) -> ExperimentConfig:
+  """Reads, checks and converts `path`; writes the run dir only once everything fits.
+  `max_load_bytes` caps the memory the file's data may take (`torch_pickle.load`)."""
+  check_targets(model_dir, overwrite)
+  obj = torch_pickle.load(path, max_load_bytes)
   state = state_dict_of(obj, path)
   try:
     converted = convert_state(state, image_size=image_size, layout=layout)
@@ -382,14 +433,15 @@ def convert_file(path: str, model_dir: str, *, image_size: int = 224,
       "state_dict" in obj else []
   source = {"file": os.path.abspath(path), "sha256": _sha256(path), "epoch": epoch,
             "other_entries_ignored": others}
-  return write_run(converted, model_dir, epoch=epoch, source=source)
+  return write_run(converted, model_dir, epoch=epoch, source=source, overwrite=overwrite)
 
 
 def main(argv):
   del argv
   from absl import flags
   f = flags.FLAGS
-  config = convert_file(f.from_pytorch, f.model_dir, image_size=f.image_size, layout=f.layout)
+  config = convert_file(f.from_pytorch, f.model_dir, image_size=f.image_size, layout=f.layout,
+                        max_load_bytes=f.max_load_bytes, overwrite=f.overwrite)
   m = config.model
   print(f"wrote {f.model_dir}: VGG-16-BN, width {m.width:g}, fc {m.fc_units}, "
         f"{m.image_size} px, front {m.front}\n"
@@ -406,6 +458,13 @@ if __name__ == "__main__":
                       "torchvision's vgg16_bn.",
                       required=True)
   flags.DEFINE_string("model_dir", None, "Run directory to write (new or empty).", required=True)
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --model_dir and delete a "
+                    "MODEL_DIR.converting folder left by another run (refused without it).")
+  flags.DEFINE_integer("max_load_bytes", torch_pickle.DEFAULT_MAX_BYTES,
+                       "The most memory the file's data may take (its storages, copied "
+                       "tensors, pickle); a file that needs more is refused. The default, "
+                       "2 GiB, is 3.9x torchvision's vgg16_bn, the largest released file.",
+                       lower_bound=1)
   flags.DEFINE_integer("image_size", 224, "Input size the file was trained at (the paper: 224).")
   flags.DEFINE_enum("layout", "auto", ("auto",) + LAYOUTS,
                     "Key layout; auto tells them apart by their wrapper prefixes and head.")

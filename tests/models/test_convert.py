@@ -432,6 +432,48 @@ def test_torchvision_cli_detects_the_layout_and_names_a_bad_key_in_one_line(tmp_
   assert json.load(open(run / "converted_from.json"))["layout"] == "torchvision"
 
 
+# --- issue 37: the converter deletes nothing it did not write ---------------------------------
+
+def test_a_staging_folder_or_full_run_dir_it_did_not_write_is_kept_unless_overwrite(tmp_path):
+  path, _, _ = save(tmp_path, "deepercluster", False, True)
+  run = tmp_path / "run"
+  staging = tmp_path / "run.converting"
+  staging.mkdir()
+  (staging / "notes.txt").write_text("someone's")
+  with pytest.raises(convert.ConversionError,
+                     match=rf"{staging} exists .*remove it or pass --overwrite"):
+    convert.convert_file(path, str(run), image_size=SIZE)
+  assert (staging / "notes.txt").read_text() == "someone's" and not run.exists()
+  run.mkdir()
+  (run / "mine.txt").write_text("a run")
+  with pytest.raises(convert.ConversionError, match=rf"--model_dir={run} is not empty.*pass "
+                     "--overwrite"):
+    convert.convert_file(path, str(run), image_size=SIZE)
+  assert (run / "mine.txt").exists() and staging.exists()
+  # with --overwrite both go: the run is replaced whole, the staging folder reused and removed
+  config = convert.convert_file(path, str(run), image_size=SIZE, overwrite=True)
+  assert sorted(os.listdir(run)) == ["ckpt", "config.json", "converted_from.json"]
+  assert checkpointing.read_config(str(run)) == config
+  assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path), "run"])
+  (tmp_path / "file").write_text("")
+  with pytest.raises(convert.ConversionError, match="is a file, not a directory"):
+    convert.convert_file(path, str(tmp_path / "file"), image_size=SIZE, overwrite=True)
+
+
+def test_cli_refuses_a_staging_folder_in_one_line_without_reading_stdin(tmp_path):
+  path, _, _ = save(tmp_path, "deepcluster", True, False)
+  run = tmp_path / "run"
+  (tmp_path / "run.converting").mkdir()
+  out = subprocess.run([sys.executable, "-m", "dc_tf.convert", f"--from_pytorch={path}",
+                        f"--model_dir={run}", f"--image_size={SIZE}"], cwd=ROOT,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+  assert lines[0].startswith(f"error: {run}.converting exists") and "--overwrite" in lines[0]
+  assert (tmp_path / "run.converting").is_dir() and not run.exists()
+
+
 def teardown_module(module):
   del module
   if MAX_ERRORS:
