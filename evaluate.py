@@ -34,7 +34,13 @@ flags.DEFINE_enum("probe_lr_table", "imagenet", ["imagenet", "places205"],
                   "--probe=original: per-layer learning rates of linear_classif_layers.sh.")
 flags.DEFINE_integer("max_train_images", 0, "Cap on probe training images (0 = all).")
 flags.DEFINE_integer("cluster_k", 0, "k for cluster NMI (0 = number of labels).")
-flags.DEFINE_integer("seed", 0, "Seed of the twin and the probes.")
+flags.DEFINE_integer("cluster_sample", 20_000, "Test images the clustering scores and picture "
+                     "use: those whose hashed id (seeded by --seed) is smallest; all if fewer.")
+flags.DEFINE_string("feature_dir", "", "Local folder for the pooled features written during "
+                    "extraction and read back by the probes (default OUTPUT_DIR/features).")
+flags.DEFINE_bool("keep_features", False, "Keep the feature files (FEATURE_DIR/<subject>/"
+                  "<train|test>/<layer>.f32, float32 rows in shard order) after the run.")
+flags.DEFINE_integer("seed", 0, "Seed of the twin, the probes and the cluster sample.")
 flags.DEFINE_string("voc_dir", "", "A VOC2007 folder for the VOC classification probes.")
 flags.DEFINE_integer("voc_fc6_8_steps", 0, "Also run VOC's fc6-8 protocol for this many steps "
                      "(the original: 150000; 0 = linear probe only).")
@@ -61,7 +67,8 @@ def main(argv):
       probe_epochs=FLAGS.probe_epochs or 60, max_train_images=FLAGS.max_train_images,
       cluster_k=FLAGS.cluster_k, run_dir=run_dir, voc_dir=FLAGS.voc_dir,
       voc_fc6_8_steps=FLAGS.voc_fc6_8_steps, voc_all_steps=FLAGS.voc_all_steps,
-      probe=FLAGS.probe, original_probe=original,
+      probe=FLAGS.probe, original_probe=original, cluster_sample=FLAGS.cluster_sample,
+      feature_dir=FLAGS.feature_dir, keep_features=FLAGS.keep_features,
       model_config=loaded.model_config)
   print(open(os.path.join(output_dir, "report.md")).read())
   print(json.dumps(report.get("best_layer", {})))

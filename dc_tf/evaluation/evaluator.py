@@ -4,6 +4,20 @@ Every report carries its floor: the random-init twin (the same architecture, nev
 trained) is scored with the same protocol in the same run, and the margin per layer is
 reported (issue 10). Probes follow the paper: conv maps average-pooled until under 10k
 dimensions (pool sizes reported), a linear classifier on top.
+
+Memory does not grow with the number of images (issue 35): `evaluate` extracts each set once
+per subject into `feature_store` files (one float32 file per layer, under --feature_dir,
+deleted after the subject unless kept); the fast probe and kNN read them back a minibatch or
+a block at a time, and the test-set clustering and its picture use a seeded sample of at
+most `cluster_sample` images. What runs where:
+  - extraction (the trunk's forward passes): every local replica of `strategy`, one batch
+    each a round (`extract.stream`); with the default strategy, one device;
+  - pooling, the feature files, the fast probe (Adam on the host's default device), kNN and
+    the cluster picture: the host;
+  - the cluster sample's PCA whitening and k-means: the local replicas of `strategy`, the
+    sample split between them (`dist.split_local`);
+  - --probe=original: `linear_original.probe`, which reads the shards itself.
+Only ids and labels (16 bytes an image) are held for the whole set.
 """
 
 from __future__ import annotations
@@ -11,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -19,8 +35,9 @@ import tensorflow as tf
 from dc_tf.clustering import extract
 from dc_tf.clustering import kmeans as km
 from dc_tf.clustering import pca
-from dc_tf.config import ModelConfig
-from dc_tf.evaluation import metrics, probes
+from dc_tf import distribute as dist
+from dc_tf.config import ModelConfig, UserError
+from dc_tf.evaluation import feature_store, metrics, probes
 from dc_tf.models import vgg
 from dc_tf.training import checkpointing
 
@@ -76,7 +93,8 @@ def random_twin(model_config: ModelConfig, seed: int = 0) -> LoadedTrunk:
 
 def features(trunk: LoadedTrunk, pattern: str, layers, batch_size: int = 256,
              max_images: int = 0) -> tuple[dict, dict]:
-  """({layer: pooled features}, {layer: pool size}) plus labels/metadata in 'meta'."""
+  """({layer: pooled features, plus labels/metadata}, {layer: pool size}), all in memory:
+  for small sets (tests, notebooks); `evaluate` streams through `feature_store` instead."""
   image_size = trunk.model_config.image_size
   strides: dict[str, int] = {}
 
@@ -91,12 +109,18 @@ def features(trunk: LoadedTrunk, pattern: str, layers, batch_size: int = 256,
   return out, strides
 
 
-def cluster_quality(feats: np.ndarray, meta: dict, k: int, seed: int = 0) -> dict:
-  """k-means on whitened features; NMI / ARI / purity against labels and metadata."""
-  strategy = tf.distribute.get_strategy()
-  whitening = pca.fit_whitening(strategy, [feats], dim=min(128, feats.shape[1]))
-  result = km.DistributedKMeans(strategy).fit([whitening.apply(feats)], k, iters=30, seed=seed)
-  assign = result.assignments[0]
+def cluster_quality(feats: np.ndarray, meta: dict, k: int, seed: int = 0,
+                    strategy=None) -> tuple[dict, np.ndarray]:
+  """k-means on whitened features; NMI / ARI / purity against labels and metadata.
+
+  The rows are split between the local replicas of `strategy` (default: the current one),
+  which whiten and cluster them as training does; assignments come back in row order."""
+  strategy = strategy or tf.distribute.get_strategy()
+  parts = dist.split_local(strategy, np.asarray(feats))
+  whitening = pca.fit_whitening(strategy, parts, dim=min(128, feats.shape[1]))
+  result = km.DistributedKMeans(strategy).fit([whitening.apply(p) for p in parts], k, iters=30,
+                                               seed=seed)
+  assign = np.concatenate(result.assignments)
   report = {"k": k}
   targets = {"label": meta["label"]}
   for field in ("user_id", "device"):
@@ -130,22 +154,58 @@ def gps_cells(lat: np.ndarray, lon: np.ndarray, degrees: float = 1.0) -> np.ndar
   return np.array(cells)
 
 
+class LabelError(UserError, ValueError):
+  """The probe's or kNN's shards carry no labels."""
+
+
+def pool_sizes(trunk: LoadedTrunk, layers) -> dict:
+  """{layer: the pool window of the probe protocol} (`metrics.pool_stride`), from one
+  forward pass on a blank image."""
+  size = trunk.model_config.image_size
+  out = trunk(tf.zeros([1, size, size, 3]), training=False)
+  return {l: metrics.pool_stride(*out[l].shape[1:]) if len(out[l].shape) == 4 else 1
+          for l in layers}
+
+
+def _feature_root(feature_dir: str, output_dir: str) -> str:
+  """--feature_dir, else <output_dir>/features when the output dir is local (feature files
+  are read back with positioned reads: a gs:// path cannot hold them), else a temp dir."""
+  if feature_dir:
+    if "://" in feature_dir:
+      raise feature_store.FeatureDirError(f"--feature_dir must be a local folder, not {feature_dir}")
+    return feature_dir
+  if "://" in output_dir:
+    return tempfile.mkdtemp(prefix="dc_tf_features_")
+  return os.path.join(output_dir, "features")
+
+
 def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: str,
              output_dir: str, layers=DEFAULT_LAYERS, twin: bool = True, seed: int = 0,
              probe_epochs: int = 60, max_train_images: int = 0, cluster_k: int = 0,
              run_dir: str = "", voc_dir: str = "", voc_fc6_8_steps: int = 0,
              voc_all_steps: int = 0, model_config: ModelConfig | None = None,
-             probe: str = "fast", original_probe=None) -> dict:
+             probe: str = "fast", original_probe=None, cluster_sample: int = 20_000,
+             feature_dir: str = "", keep_features: bool = False, batch_size: int = 256,
+             strategy=None) -> dict:
   """Scores `trained` (None: the random twin alone) and writes report.json / report.md /
   probe_layers.png / clusters.png in `output_dir`.
 
   probe: 'fast' (`probes.linear_probe` on fixed centre-crop features) or 'original'
   (`linear_original.probe`, eval_linear.py's protocol; `original_probe` its
   `OriginalProbeConfig`). `layers` None: the protocol's (fast DEFAULT_LAYERS, original
-  conv1..conv13)."""
+  conv1..conv13).
+
+  Streams (module docstring): per subject, the train set's `layers` (original: only the kNN
+  layers fc7/conv13, or the cluster layer for the label check) and the test set's go
+  to feature files under `feature_dir` (removed after the subject unless `keep_features`);
+  memory is batch x pooled dims plus 16 bytes an image. The test-set clustering and its
+  picture use the `cluster_sample` images of the smallest `feature_store.sample_keys`
+  (a seeded uniform sample, all of them when fewer), in shard order."""
   from dc_tf.evaluation import linear_original
   if probe not in ("fast", "original"):
     raise ValueError(f"probe must be 'fast' or 'original', not {probe!r}")
+  if cluster_sample < 2:
+    raise UserError(f"--cluster_sample must be at least 2, not {cluster_sample}")
   layers = tuple(layers or (DEFAULT_LAYERS if probe == "fast" else linear_original.LAYERS))
   tf.io.gfile.makedirs(output_dir)
   model_config = trained.model_config if trained else model_config
@@ -160,32 +220,56 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
   report = {"train_data": train_pattern, "test_data": test_pattern, "layers": list(layers),
             "probe_protocol": probe,
             "subjects": {k: v.source for k, v in subjects.items()}, "results": {}}
+  knn_layers = [l for l in ("fc7", "conv13") if l in layers]
+  cluster_layer = "fc7" if "fc7" in layers else layers[-1]
+  train_layers = layers if probe == "fast" else tuple(knn_layers or [cluster_layer])
+  test_layers = tuple(dict.fromkeys([*train_layers, cluster_layer]))
+  root = _feature_root(feature_dir, output_dir)
   for name, subject in subjects.items():
-    train_f, strides = features(subject, train_pattern, layers, max_images=max_train_images)
-    test_f, _ = features(subject, test_pattern, layers)
-    if (train_f["label"] < 0).all() or (test_f["label"] < 0).all():
-      raise ValueError(f"accuracy needs labels, but {train_pattern if (train_f['label'] < 0).all() else test_pattern} "
-                       "has none (shards written with --drop_labels?)")
-    res = {"pool_sizes": strides, "probe": {}, "knn": {}}
-    if probe == "original":
-      res["probe"] = linear_original.probe(subject, train_pattern, test_pattern, layers,
-                                           original_probe or linear_original.OriginalProbeConfig())
-    for layer in layers if probe == "fast" else ():
-      res["probe"][layer] = probes.linear_probe(train_f[layer], train_f["label"], test_f[layer],
-                                                test_f["label"], epochs=probe_epochs, seed=seed,
-                                                train_ids=train_f["image_id"])
-    for layer in ("fc7", "conv13"):
-      if layer in layers:
-        res["knn"][layer] = 100 * metrics.knn_top1(train_f[layer], train_f["label"],
-                                                   test_f[layer], test_f["label"])
-    k = cluster_k or len(np.unique(test_f["label"]))
-    res["clusters"], assign = cluster_quality(test_f["fc7" if "fc7" in layers else layers[-1]],
-                                              test_f, k, seed)
-    if name == list(subjects)[0]:
-      from dc_tf.evaluation import pictures
-      pictures.cluster_grid(test_pattern, model_config.image_size, test_f["image_id"], assign,
-                            test_f["label"], os.path.join(output_dir, f"clusters_{name}.png"))
+    store = lambda pattern, split, layers_, **kw: feature_store.write(  # noqa: E731
+        subject, pattern, layers_, os.path.join(root, name, split),
+        image_size=subject.model_config.image_size, batch_size=batch_size, strategy=strategy,
+        seed=seed, **kw)
+    train = test = None
+    try:
+      train = store(train_pattern, "train", train_layers, max_images=max_train_images)
+      if (train.label < 0).all():
+        raise LabelError(f"accuracy needs labels, but {train_pattern} has none (shards "
+                         "written with --drop_labels?)")
+      test = store(test_pattern, "test", test_layers, sample=cluster_sample)
+      if (test.label < 0).all():
+        raise LabelError(f"accuracy needs labels, but {test_pattern} has none (shards "
+                         "written with --drop_labels?)")
+      res = {"pool_sizes": pool_sizes(subject, layers), "probe": {}, "knn": {},
+             "computed_on": test.computed_on}
+      if probe == "original":
+        res["probe"] = linear_original.probe(subject, train_pattern, test_pattern, layers,
+                                             original_probe or linear_original.OriginalProbeConfig())
+      for layer in layers if probe == "fast" else ():
+        res["probe"][layer] = probes.linear_probe(train[layer], train.label, test[layer],
+                                                  test.label, epochs=probe_epochs, seed=seed,
+                                                  train_ids=train.image_id)
+      for layer in knn_layers:
+        res["knn"][layer] = 100 * metrics.knn_top1(train[layer], train.label, test[layer],
+                                                   test.label)
+      meta = test.sample_meta
+      k = cluster_k or len(np.unique(test.label))
+      res["cluster_sample"] = len(test.sample_rows)
+      res["clusters"], assign = cluster_quality(test[cluster_layer][test.sample_rows], meta, k,
+                                                seed, strategy)
+      if name == list(subjects)[0]:
+        from dc_tf.evaluation import pictures
+        pictures.cluster_grid(test_pattern, model_config.image_size, meta["image_id"], assign,
+                              meta["label"], os.path.join(output_dir, f"clusters_{name}.png"))
+    finally:
+      for done in (train, test):
+        if done is not None and not keep_features:
+          done.remove()
+      if not keep_features:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     report["results"][name] = res
+  if not keep_features and os.path.isdir(root) and not os.listdir(root):
+    os.rmdir(root)
   if len(subjects) == 2:
     t, r = report["results"]["trained"], report["results"]["random"]
     report["margin_top1"] = {l: t["probe"][l]["top1"] - r["probe"][l]["top1"] for l in layers}
