@@ -10,9 +10,9 @@ import numpy as np
 
 
 def _encode(item, zip_file):
-  from dc_tf.data import make_shards, schema, sources
+  from dc_tf.data import checks, schema, sources
   data = zip_file.read(item.path) if item.zip_path else open(item.path, "rb").read()
-  why, fmt, height, width = make_shards.check_image(data)
+  why, fmt, height, width = checks.check_image(data)
   if why:
     return None
   return schema.make_example(data, fmt, height, width, sources.id_of(item), label=item.label,

@@ -5,8 +5,9 @@ Apache Beam pipeline, for every source, on any runner.
   placeholders) -> rank by a seeded hash of the image id -> group by shard -> write -> manifest
 
 - Checking reads and decodes every image once; zero-byte, non-image, truncated and corrupt
-  files are dropped and counted. Only metadata and a SHA-1 travel through the shuffles; the
-  writer reads each kept image again (and drops it, counted, if its bytes changed meanwhile).
+  files are dropped and counted (`checks.py`, which `embed` shares). Only metadata and a SHA-1
+  travel through the shuffles; the writer reads each kept image again (and drops it, counted,
+  if its bytes changed meanwhile).
 - Byte-identical images keep the one with the smallest id; the rest are dropped as duplicates.
   A hash shared by `--placeholder_min_copies` images or more, or listed in `--placeholder_sha1`,
   is a placeholder ("photo no longer available"): all its copies are dropped.
@@ -38,13 +39,13 @@ import hashlib
 import json
 import logging
 import os
-import threading
-import zipfile
 from typing import Sequence
 
 import apache_beam as beam
 
 from dc_tf.data import schema, sources
+from dc_tf.data.checks import (Checked, check_image, keep_one_per_hash, pipeline_runner,
+                               read_bytes)
 from dc_tf.data.sources import DROPPED, Item, drop
 
 BUCKET_BITS = 12  # ranks are computed in 4096 buckets of the order-hash range
@@ -90,68 +91,10 @@ class ShardOptions:
     return self
 
 
-@dataclasses.dataclass(frozen=True)
-class Checked:
-  """An image that decoded: its item plus what the check learnt."""
-  item: Item
-  image_id: int
-  sha1: str
-  fmt: str
-  height: int
-  width: int
-
-
 # ----------------------------------------------------------------------------- reading
-_OPEN_ZIPS = threading.local()  # one ZipFile per zip and thread: its index takes ~0.1 s to read
-
-
-def read_bytes(item: Item) -> bytes:
-  import tensorflow as tf
-  if item.zip_path:
-    zips = _OPEN_ZIPS.__dict__.setdefault("zips", {})
-    if item.zip_path not in zips:
-      zips[item.zip_path] = zipfile.ZipFile(tf.io.gfile.GFile(item.zip_path, "rb"))
-    data = zips[item.zip_path].read(item.path)
-  else:
-    with tf.io.gfile.GFile(item.path, "rb") as f:
-      data = f.read()
-  return near_duplicate(data, item.key) if item.variant == 2 else data
-
-
-def near_duplicate(data: bytes, key: str) -> bytes:
-  """The same photo, not the same bytes: an 80-95% crop off the top-left corner (the share
-  set by `key`, so two copies of one photo differ too), resized back and re-encoded as JPEG at
-  quality 85; deterministic. Bytes that do not decode stay as they are."""
-  import tensorflow as tf
-  try:
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-    return data
-  keep = 0.80 + 0.15 * (schema.stable_id(key) % 1000) / 1000
-  h, w = int(image.shape[0]), int(image.shape[1])
-  crop = image[:max(1, int(h * keep)), :max(1, int(w * keep))]
-  resized = tf.cast(tf.clip_by_value(tf.image.resize(crop, [h, w]), 0, 255), tf.uint8)
-  return tf.io.encode_jpeg(resized, quality=85).numpy()
-
-
-def check_image(data: bytes) -> tuple[str, str, int, int]:
-  """(reason it is dropped or '', format, height, width)."""
-  import tensorflow as tf
-  if not data:
-    return "zero bytes", "", 0, 0
-  fmt = schema.sniff_format(data)
-  if fmt is None:
-    return "not an image", "", 0, 0
-  if fmt == "jpeg" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-    return "truncated jpeg", fmt, 0, 0
-  try:
-    image = tf.io.decode_image(data, channels=0, expand_animations=False)
-  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-    return f"corrupt {fmt}", fmt, 0, 0
-  return "", fmt, int(image.shape[0]), int(image.shape[1])
-
-
 class ReadAndCheck(beam.DoFn):
+  """`checks.read_bytes` then `checks.check_image`, each drop counted by its reason."""
+
   def process(self, item: Item):
     import tensorflow as tf
     try:
@@ -165,24 +108,6 @@ class ReadAndCheck(beam.DoFn):
       return
     sources.counter("decoded").inc()
     yield Checked(item, sources.id_of(item), hashlib.sha1(data).hexdigest(), fmt, height, width)
-
-
-# ----------------------------------------------------------------------------- dedupe
-def keep_one_per_hash(element, min_copies: int, known: frozenset, dedupe: bool):
-  """All images with one SHA-1: a placeholder (all dropped), else the smallest id is kept and
-  the others are duplicates (kept too with `dedupe=False`)."""
-  sha1, copies = element
-  copies = sorted(copies, key=lambda c: c.image_id)
-  if sha1 in known or (min_copies and len(copies) >= min_copies):
-    for _ in copies:
-      yield drop("placeholder")
-    return
-  yield copies[0]
-  for c in copies[1:]:
-    if dedupe:
-      yield drop("duplicate")
-    else:
-      yield c
 
 
 # ----------------------------------------------------------------------------- layout
@@ -443,17 +368,6 @@ def build(p, opts: ShardOptions, pipeline_options: dict) -> None:
                   pipeline_options, beam.pvalue.AsSingleton(read),
                   beam.pvalue.AsDict(all_dropped), beam.pvalue.AsList(written.shards),
                   beam.pvalue.AsList(labels)))
-
-
-def pipeline_runner(options):
-  """Beam's DirectRunner first tries Prism, a binary it downloads; we run its batch engine,
-  the FnApiRunner, directly, so a machine without internet runs the default as it is."""
-  from apache_beam.options.pipeline_options import StandardOptions
-  runner = options.view_as(StandardOptions).runner
-  if runner in (None, "DirectRunner", "direct", "FnApiRunner"):
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    return FnApiRunner()
-  return runner
 
 
 def counters(result) -> dict:
