@@ -21,7 +21,10 @@
              extractor for onnxruntime and other ONNX runtimes, input `images` [B, S, S, 3]
              normalised, the 15 endpoints as outputs (Keras 3 `model.export(format="onnx")`).
   model_card.json   config, training data, the checkpoint's step and epoch (-1: unknown),
-             and the sha256 of each export.
+             and the sha256 of each export: its keys are exactly the artefacts beside it.
+  Each export first deletes every artefact above that the directory holds (the card first),
+  so none is left from an earlier export (issue 37: a trunk.onnx no card lists); other files
+  in the directory are not touched.
 
 Usage: python -m dc_tf.export --model_dir=runs/demo --export_dir=runs/demo/export [--onnx]
 """
@@ -45,6 +48,10 @@ PROBE_LAYERS = ("conv2", "conv4", "conv7", "conv10", "conv13", "fc6", "fc7")  # 
 PROBE_MAX_DIM = 10000
 KERAS_FILE = "trunk.keras"
 ONNX_FILE = "trunk.onnx"
+CARD_FILE = "model_card.json"
+# Every name an export writes in its directory, the card first: a directory half rewritten
+# is never described by an old card.
+ARTEFACTS = (CARD_FILE, "serving", "trunk", KERAS_FILE, ONNX_FILE)
 
 
 class ExportError(UserError, RuntimeError):
@@ -195,6 +202,7 @@ def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict
   `epoch` the epochs done (`checkpointing.epoch_of`: step // steps_per_epoch), -1 unknown."""
   if onnx:
     _require_onnx_packages()
+  remove_artefacts(export_dir)
   serving = ServingModule(trunk, image_size, conv_endpoints)
   serving_dir = os.path.join(export_dir, "serving")
   tf.saved_model.save(serving, serving_dir, signatures={
@@ -226,9 +234,25 @@ def export(trunk: keras.Model, export_dir: str, *, image_size: int, config: dict
                  KERAS_FILE: "as trunk; outputs conv1..conv13 maps, fc6, fc7 (pre-ReLU)",
                  **({ONNX_FILE: "as trunk.keras, input 'images'"} if onnx else {})},
   }
-  with tf.io.gfile.GFile(os.path.join(export_dir, "model_card.json"), "w") as f:
+  with tf.io.gfile.GFile(os.path.join(export_dir, CARD_FILE), "w") as f:
     f.write(json.dumps(card, indent=2))
   return card
+
+
+def remove_artefacts(export_dir: str) -> list:
+  """Deletes what an earlier export wrote in `export_dir` (`ARTEFACTS`, nothing else);
+  returns the names removed."""
+  removed = []
+  for name in ARTEFACTS:
+    path = os.path.join(export_dir, name)
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    elif tf.io.gfile.exists(path):
+      tf.io.gfile.remove(path)
+    else:
+      continue
+    removed.append(name)
+  return removed
 
 
 DENYLISTED_OPS = ("ReadFile", "WriteFile", "PrintV2")  # as `saved_model_cli scan`

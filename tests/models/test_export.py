@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -225,6 +226,30 @@ def test_keras_trunk_refuses_a_tampered_file_and_round_trips_a_folded_trunk(expo
   x = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
   np.testing.assert_allclose(again(x)["fc7"], folded(x)["fc7"], atol=1e-6)
   assert not again.get_layer("conv1_border_correction").trainable
+
+
+# ------------------------------------------------------------------ artefacts (issue 37)
+@pytest.mark.slow
+def test_an_export_leaves_no_stale_artefact_and_its_card_lists_exactly_what_is_there(
+    exported, tmp_path):
+  """Re-exporting without --onnx over an export that has trunk.onnx (the fixture's, where
+  the ONNX packages are installed; a planted one otherwise) removes it; the user's own
+  files stay."""
+  trunk, d, first = exported
+  assert sorted(os.listdir(d)) == sorted([*first["sha256"], export.CARD_FILE])
+  target = tmp_path / "export"
+  shutil.copytree(d, target)
+  if not (target / export.ONNX_FILE).exists():
+    (target / export.ONNX_FILE).write_bytes(b"stale")
+  (target / "serving" / "stale.txt").write_text("from an older export")
+  (target / "notes.md").write_text("mine")
+  card = export.export(trunk, str(target), image_size=32, step=15)
+  assert not (target / export.ONNX_FILE).exists()
+  assert not (target / "serving" / "stale.txt").exists()
+  assert sorted(os.listdir(target)) == sorted([*card["sha256"], export.CARD_FILE, "notes.md"])
+  assert export.ONNX_FILE not in card["inputs"] and export.ONNX_FILE not in card["sha256"]
+  assert json.load(open(target / export.CARD_FILE)) == card
+  assert export.load(str(target)) is not None      # the card's sha256 match what is there
 
 
 # ----------------------------------------------------------------------------- trunk.onnx
