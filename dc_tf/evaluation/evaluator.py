@@ -172,7 +172,8 @@ def _feature_root(feature_dir: str, output_dir: str) -> str:
   are read back with positioned reads: a gs:// path cannot hold them), else a temp dir."""
   if feature_dir:
     if "://" in feature_dir:
-      raise feature_store.FeatureDirError(f"--feature_dir must be a local folder, not {feature_dir}")
+      raise feature_store.FeatureDirError(
+          f"--feature_dir must be a local folder, not {feature_dir}")
     return feature_dir
   if "://" in output_dir:
     return tempfile.mkdtemp(prefix="dc_tf_features_")
@@ -243,8 +244,9 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
       res = {"pool_sizes": pool_sizes(subject, layers), "probe": {}, "knn": {},
              "computed_on": test.computed_on}
       if probe == "original":
-        res["probe"] = linear_original.probe(subject, train_pattern, test_pattern, layers,
-                                             original_probe or linear_original.OriginalProbeConfig())
+        res["probe"] = linear_original.probe(
+            subject, train_pattern, test_pattern, layers,
+            original_probe or linear_original.OriginalProbeConfig())
       for layer in layers if probe == "fast" else ():
         res["probe"][layer] = probes.linear_probe(train[layer], train.label, test[layer],
                                                   test.label, epochs=probe_epochs, seed=seed,

@@ -196,7 +196,8 @@ def test_peak_memory_does_not_grow_with_the_images(tmp_path):
   assert report["results"]["trained"]["cluster_sample"] == 2 * n   # all of them (under 20k)
   assert set(report["results"]["trained"]["probe"]) == {*ALL_CONV.split(","), "fc7"}
   # the features files are gone at the end
-  assert not [f for _, _, fs in os.walk(tmp_path / f"eval{2 * n}") for f in fs if f.endswith(".f32")]
+  left = [f for _, _, fs in os.walk(tmp_path / f"eval{2 * n}") for f in fs if f.endswith(".f32")]
+  assert not left
   growth = peaks[2 * n] / peaks[n] - 1
   print(f"peak RSS {peaks[n] / 2**20:.0f} MiB at {n} images, "
         f"{peaks[2 * n] / 2**20:.0f} MiB at {2 * n} ({100 * growth:+.1f}%)")
