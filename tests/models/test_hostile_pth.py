@@ -194,6 +194,23 @@ def test_crafted_calls_and_persistent_ids_are_one_line_errors(tmp_path):
   # a storage whose bytes are not whole elements
   refused(write_zip(tmp_path / "odd.pth", {"w": Tensor(Storage("0", 1), 0, (1,), (1,))},
                     {"0": b"\0" * 5}), "not a whole number of 4-byte elements")
+  # lists nested 5000 deep (a legacy object is walked to build its tensors)
+  deep = write_legacy(tmp_path / "deep.pth", [], {})
+  data = open(deep, "rb").read()
+  at = data.index(dumps([], legacy=True))
+  body = b"\x80\x02" + b"]" * 5000 + b"a" * 4999 + b"."
+  open(deep, "wb").write(data[:at] + body + data[at + len(dumps([], legacy=True)):])
+  refused(deep, r"RecursionError")
+  # a member flagged encrypted: zipfile asks for a password (RuntimeError)
+  path = write_zip(tmp_path / "locked.pth", {"w": Tensor(Storage("0", 4), 0, (4,), (1,))},
+                   {"0": floats(4)})
+  data = bytearray(open(path, "rb").read())
+  at = data.find(b"PK\x01\x02")
+  while at >= 0:
+    data[at + 8] |= 1
+    at = data.find(b"PK\x01\x02", at + 4)
+  open(path, "wb").write(bytes(data))
+  refused(path, r"RuntimeError: File .* is encrypted")
 
 
 def test_copies_of_one_storage_are_charged_against_the_cap(tmp_path):
