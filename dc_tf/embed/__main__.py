@@ -16,7 +16,7 @@ import logging
 
 from absl import flags
 
-from dc_tf.embed import features
+from dc_tf.embed import duplicates, features
 
 FLAGS = flags.FLAGS
 
@@ -40,9 +40,16 @@ def define_flags():
   flags.DEFINE_integer("clusters", 0, "Cluster the features into K (sub-)clusters and write "
                        "OUTPUT/clusters/index.html; 0 = no clustering.")
   flags.DEFINE_integer("super", 1, "Super-clusters M (the hierarchy: M x K clusters).")
-  flags.DEFINE_string("cluster_layer", "", "Layer clustered (default: probe_fc7 or the first).")
+  flags.DEFINE_string("cluster_layer", "", "Layer clustered (default: probe_conv4, else "
+                      "probe_fc7, else the first).")
+  flags.DEFINE_string("space", "", "raw | centred_l2 | pca_l2 (default pca_l2): the space the "
+                      "page clusters and compares in (dc_tf/embed/space.py).")
+  flags.DEFINE_bool("duplicates", False, "Near-duplicate pairs and outliers on the page and "
+                    "in OUTPUT/clusters/{duplicates,outliers}.csv.")
+  flags.DEFINE_float("duplicate_threshold", duplicates.DEFAULT_THRESHOLD, "Cosine at or "
+                     "above which two photos are near-duplicates (benchmarks/photo_clusters.py).")
   flags.DEFINE_integer("pca_dim", 0, "PCA dimension before k-means (whitened); 0 = "
-                       "min(256, dims, rows - 1).")
+                       "min(256, dims, rows // 4).")
   flags.DEFINE_integer("queries", 4, "Query images shown with their nearest neighbours.")
 
 
@@ -64,7 +71,8 @@ def main(argv):
     from dc_tf.embed import clusters
     page = clusters.make_page(FLAGS.output, k=FLAGS.clusters, m=FLAGS.super,
                               layer=FLAGS.cluster_layer, pca_dim=FLAGS.pca_dim,
-                              queries=FLAGS.queries)
+                              queries=FLAGS.queries, space=FLAGS.space,
+                              duplicates=FLAGS.duplicates, threshold=FLAGS.duplicate_threshold)
     print(f"clusters page: {page}")
 
 

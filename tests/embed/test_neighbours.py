@@ -1,4 +1,5 @@
-"""python -m dc_tf.neighbours: a photo's own row first at cosine 1, scores best first."""
+"""python -m dc_tf.neighbours: a photo's own row first at cosine 1, scores best first (raw
+cosine here; the spaces are tests/embed/test_space.py's)."""
 
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def test_query_finds_itself_then_the_cosine_order(photos, tiny_export, tmp_path)
   rows, x, _, _ = clusters.load_features(out)
   with open(rows[5].path, "rb") as f:
     query = f.read()
-  hits = neighbours.search(out, query, n=4)
+  hits = neighbours.search(out, query, n=4, space="raw")
   assert hits[0][2].path == rows[5].path and abs(hits[0][1] - 1) < 1e-5
   unit = x / np.linalg.norm(x, axis=1, keepdims=True)
   want = np.sort(unit @ unit[5])[::-1][:4]

@@ -1,0 +1,73 @@
+"""Near-duplicates and outliers among embedded photos (issue 36 item 3), in a `space.Space`.
+
+  pairs      every pair of rows whose cosine in the space is >= a threshold: resized,
+             re-encoded or slightly cropped copies (byte-identical copies never get here:
+             dc_tf.embed drops them, "duplicate")
+  isolation  each row's cosine to its nearest other row; the lowest are the outliers
+
+Both go block by block: a [block, N] product of unit rows at a time, so memory is
+block x N scores, never the N x N matrix (100k rows: 0.4 GB a 1,024-row block, not 40 GB).
+The scan is O(N^2 p) time: 100k rows at p = 256 is 2.6 TFLOP, minutes on a CPU; beyond that
+a vector index's range search (faiss) over the same unit rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The cosine above which two photos are listed as near-duplicates, in the default space
+# (space.DEFAULT_LAYER, space.DEFAULT_SPACE). Set from the planted copies (re-encoded, resized,
+# cropped 90%) of the choosing half in benchmarks/photo_clusters.py (recall and precision of
+# the planted pairs at each threshold, benchmarks/results/photo_clusters.json).
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_OUTLIERS = 10
+
+
+def pairs(y: np.ndarray, threshold: float, block: int = 1024
+          ) -> list[tuple[int, int, float]]:
+  """[(i, j, cosine)] for i < j with y_i . y_j >= threshold, best first (ties by i, j).
+  `y`: unit rows [N, p]."""
+  if not -1.0 <= threshold <= 1.0:
+    raise ValueError(f"a cosine threshold is in [-1, 1], got {threshold}")
+  found = []
+  for start in range(0, len(y), block):
+    s = y[start:start + block] @ y[start:].T        # only j >= i: each pair once
+    rows, cols = np.nonzero(s >= threshold)
+    keep = cols > rows                              # j > i, self excluded
+    for r, c in zip(rows[keep], cols[keep]):
+      found.append((start + int(r), start + int(c), float(s[r, c])))
+  found.sort(key=lambda p: (-p[2], p[0], p[1]))
+  return found
+
+
+def isolation(y: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+  """(nearest other row [N], its cosine [N]) for each of the unit rows `y` [N, p], N >= 2."""
+  if len(y) < 2:
+    raise ValueError("isolation needs at least 2 rows")
+  nearest = np.zeros(len(y), np.int64)
+  score = np.zeros(len(y), np.float32)
+  for start in range(0, len(y), block):
+    s = y[start:start + block] @ y.T
+    s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf
+    nearest[start:start + len(s)] = s.argmax(axis=1)
+    score[start:start + len(s)] = s.max(axis=1)
+  return nearest, score
+
+
+def outliers(y: np.ndarray, n: int = DEFAULT_OUTLIERS, block: int = 1024
+             ) -> list[tuple[int, int, float]]:
+  """[(row, its nearest other row, cosine)] of the n rows farthest from any other, most
+  isolated first (ties by row)."""
+  nearest, score = isolation(y, block)
+  order = np.lexsort((np.arange(len(y)), score))[:n]
+  return [(int(i), int(nearest[i]), float(score[i])) for i in order]
+
+
+def planted_scores(found, planted: set, threshold: float) -> dict:
+  """Recall and precision of `found` pairs [(i, j, score)] at `threshold` against `planted`
+  pairs {(i, j)} with i < j: what the benchmark and the tests measure."""
+  got = {(i, j) for i, j, s in found if s >= threshold}
+  hit = len(got & planted)
+  return {"threshold": threshold, "pairs": len(got), "planted": len(planted), "found": hit,
+          "recall": hit / len(planted) if planted else float("nan"),
+          "precision": hit / len(got) if got else float("nan")}
