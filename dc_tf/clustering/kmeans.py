@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from dc_tf.clustering import replicas as replicas_lib
+from dc_tf.config import UserError
 
 EMPTY_SPLIT_EPS = 1.0 / 1024  # relative perturbation of a split centroid (as faiss)
 
@@ -42,8 +43,9 @@ def full_float32():
     tf.config.experimental.enable_tensor_float_32_execution(before)
 
 
-class ClusteringError(ValueError):
-  """k-means cannot give a meaningful answer for this input; the message says why."""
+class ClusteringError(UserError, ValueError):
+  """k-means cannot give a meaningful answer for this input; the message says why (a
+  UserError: a command prints it as one `error:` line, issue 36)."""
 
 
 @dataclasses.dataclass

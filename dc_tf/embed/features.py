@@ -3,7 +3,8 @@
 Output folder (readable with numpy and pandas alone, no dc_tf):
 
   embed.json                   the manifest: layers and their dims, shards, rows, drop counts
-                               by reason, the model and its sha256, the input options
+                               by reason, the model (absolute, and relative to the output when
+                               inside it: `model_path_of`) and its sha256, the input options
   index.csv                    one line per row, in row order: row, shard, image_id, key, path,
                                sha1, format, height, width, label, label_text, user_id, tags,
                                url, record_file, record_index (TFRecord input: where it is)
@@ -17,18 +18,22 @@ Output folder (readable with numpy and pandas alone, no dc_tf):
 
 .npy rather than Parquet: no new dependency, and a vector index (faiss, ScaNN) memory-maps the
 shards as they are. Resuming: a shard whose `shard-*.json` exists is kept when it matches this
-run, and the run stops naming the difference when it does not (`check_finished`).
+run, and the run stops naming the difference when it does not (`check_finished`). --input is
+resolved once (`inputs.resolve`) and a shard's rows digest hashes the paths relative to it, so a
+resume may spell the same folder another way (`photos` then `/abs/photos`). A shard json
+written before that (no "digest_paths") is checked as then: against the paths as this run
+spells --input, so it resumes when spelled as when it was written, and is refused otherwise.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -53,15 +58,18 @@ class EmbedOptions:
   batch_size: int = 32
   dedupe: bool = True
   input_format: str = "auto"       # inputs.INPUT_FORMATS
+  input_as_given: str = ""         # --input as typed (set by validate): old shards' digests
 
   def validate(self) -> "EmbedOptions":
+    """These options with --input resolved (`inputs.resolve`): call it once, at the edge."""
     if self.shard_size < 1 or self.batch_size < 1:
       raise UserError("--shard_size and --batch_size must be >= 1")
-    return self
+    return dataclasses.replace(self, input=inputs.resolve(self.input),
+                               input_as_given=self.input_as_given or self.input)
 
   def input_options(self) -> dict:
     """What decides the rows: a finished shard is kept only when these are unchanged."""
-    return {"input": os.path.abspath(self.input), "input_format": self.input_format,
+    return {"input": inputs.resolve(self.input), "input_format": self.input_format,
             "dedupe": self.dedupe, "shard_size": self.shard_size}
 
 
@@ -120,31 +128,56 @@ def shard_rows(rows: list, shard_size: int) -> list[list]:
   return [rows[i:i + shard_size] for i in range(0, len(rows), shard_size)]
 
 
-def rows_digest(rows) -> str:
+def _relative_to(root: str):
+  """path -> the path relative to `root` when below it, else as it is (a URL, an absolute
+  path from a list file)."""
+  prefix = root.rstrip("/") + "/"
+  return lambda path: path[len(prefix):] if path.startswith(prefix) else path
+
+
+def rows_digest(rows, spell=lambda path: path) -> str:
   h = hashlib.sha1()
   for r in rows:
-    h.update(f"{r.image_id}\t{r.sha1}\t{r.path}\n".encode())
+    h.update(f"{r.image_id}\t{r.sha1}\t{spell(r.path)}\n".encode())
   return h.hexdigest()
 
 
+def _as_given(opts: EmbedOptions):
+  """path -> the path as dc_tf spelled it before --input was resolved: below the input as
+  typed (a list's folder made absolute), for the digests of shard jsons written then."""
+  kind = inputs.input_kind(opts.input, opts.input_format)
+  given = opts.input_as_given or opts.input
+  old_root = (given.rstrip("/") if kind == "folder" else
+              os.path.dirname(os.path.abspath(given)) if kind in ("list", "yfcc_list") else
+              os.path.dirname(given))
+  relative = _relative_to(inputs.input_root(opts.input, kind))
+  return lambda path: (path if relative(path) == path
+                       else os.path.join(old_root, relative(path)))
+
+
 def shard_meta(index: int, rows, model_sha256: str, layers, opts: EmbedOptions) -> dict:
+  kind = inputs.input_kind(opts.input, opts.input_format)
   return {"shard": index, "model_sha256": model_sha256, "layers": list(layers),
           "input_options": opts.input_options(), "rows": len(rows),
-          "rows_digest": rows_digest(rows)}
+          "rows_digest": rows_digest(rows, _relative_to(inputs.input_root(opts.input, kind))),
+          "digest_paths": "relative to the input"}
 
 
 def meta_path(output: str, index: int) -> str:
   return os.path.join(output, f"shard-{index:05d}.json")
 
 
-def check_finished(output: str, index: int, want: dict) -> bool:
+def check_finished(output: str, index: int, want: dict, legacy_digest=None) -> bool:
   """True when shard `index` is finished and matches `want`; False when it is not finished;
-  a UserError naming the first difference when it was finished by another run."""
+  a UserError naming the first difference when it was finished by another run.
+  `legacy_digest()`: the rows digest as dc_tf computed it before "digest_paths"."""
   path = meta_path(output, index)
   if not os.path.exists(path):
     return False
   with open(path) as f:
     have = json.load(f)
+  if "digest_paths" not in have and legacy_digest is not None:   # written before --input
+    want = {**want, "rows_digest": legacy_digest()}                # was resolved: as then
   names = {"model_sha256": "model sha256", "layers": "layers",
            "input_options": "input options", "rows": "rows", "rows_digest": "rows (the input changed)"}
   for key, name in names.items():
@@ -152,6 +185,20 @@ def check_finished(output: str, index: int, want: dict) -> bool:
       raise UserError(f"{path} was written with {name} {have.get(key)!r}, this run has "
                       f"{want[key]!r}: use another --output, or delete that folder's shards")
   return True
+
+
+_SHARD_JSON = re.compile(r"^shard-(\d+)\.json$")
+
+
+def check_no_stale_shards(output: str, num_shards: int) -> None:
+  """Refuses a finished shard numbered at or beyond this run's `num_shards` (the input
+  shrank, or a gap left by an older run): a reader globbing the shards would read stale rows."""
+  stale = sorted((int(m.group(1)), name) for name in os.listdir(output)
+                 if (m := _SHARD_JSON.match(name)) and int(m.group(1)) >= num_shards)
+  if stale:
+    raise UserError(f"{os.path.join(output, stale[0][1])} is beyond this run's {num_shards} "
+                    "shards (the input has fewer rows than when it was written): use another "
+                    "--output, or delete that folder's shards")
 
 
 def write_shard(output: str, index: int, feats: dict[str, np.ndarray], meta: dict) -> None:
@@ -195,9 +242,12 @@ def write_manifest(output: str, opts: EmbedOptions, model: Model, layers, dims: 
                    shards, dropped: dict, images_in: int, resumed: int, runner: str,
                    seconds: float) -> dict:
   rows = sum(len(s) for s in shards)
+  model_path = _absolute(model.path)
+  in_output = _relative_to(_absolute(output))(model_path)   # a run dir's export, say
   manifest = {
       "format": "npy shards <layer>-<shard>.npy (float32 [rows, dims]) + index.csv",
-      "model": model.path, "model_sha256": model.sha256, "layers": list(layers),
+      "model": model_path, "model_in_output": None if in_output == model_path else in_output,
+      "model_sha256": model.sha256, "layers": list(layers),
       "dims": dims, "images_in": images_in, "rows": rows, "dropped": dropped,
       "dropped_total": sum(dropped.values()),
       "shards": [{"shard": i, "rows": len(s)} for i, s in enumerate(shards)],
@@ -208,11 +258,35 @@ def write_manifest(output: str, opts: EmbedOptions, model: Model, layers, dims: 
   return manifest
 
 
+def _absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def model_path_of(features_dir: str, manifest: dict) -> str:
+  """The serving export `features_dir` was embedded with, from wherever this runs: inside the
+  features folder when it is there (a run dir exported into OUTPUT/export, or the folder moved
+  with it), else the absolute path embed.json records. An embed.json of an older dc_tf holds
+  the path as it was given, relative to the folder embed ran in: tried from here, then as
+  OUTPUT/export/serving. A UserError naming the path when none exists."""
+  model = manifest["model"]
+  tries = [os.path.join(features_dir, manifest["model_in_output"])] \
+      if manifest.get("model_in_output") else []
+  tries.append(model)
+  if not os.path.isabs(model) and model.endswith(os.path.join(EXPORT_SUBDIR, "serving")):
+    tries.append(os.path.join(features_dir, EXPORT_SUBDIR, "serving"))
+  for path in tries:
+    if "://" in path or os.path.exists(os.path.join(path, "saved_model.pb")):
+      return path
+  raise UserError(f"the export {os.path.join(features_dir, MANIFEST)} was embedded with is "
+                  f"not found: {model}" + ("" if os.path.isabs(model) else
+                                            " (relative to the folder embed ran in)"))
+
+
 def prepare(opts: EmbedOptions):
   """(model, layers, shards of rows, dropped, images in, finished shard indices, metas)."""
-  opts.validate()
+  opts = opts.validate()
   os.makedirs(opts.output, exist_ok=True)
-  model = Model(serving_dir(opts.model, opts.output))
+  model = Model(_absolute(serving_dir(opts.model, opts.output)))
   layers = model.layers(opts.layers)
   rows, dropped, images_in = inputs.plan(opts.input, opts.dedupe, opts.input_format)
   if not rows:
@@ -220,12 +294,10 @@ def prepare(opts: EmbedOptions):
                     f"{dropped or 'nothing (no images found)'}")
   shards = shard_rows(rows, opts.shard_size)
   metas = [shard_meta(i, s, model.sha256, layers, opts) for i, s in enumerate(shards)]
-  finished = {i for i, m in enumerate(metas) if check_finished(opts.output, i, m)}
-  extra = sorted(glob.glob(os.path.join(opts.output, "shard-*.json")))[len(shards):]
-  if extra:   # the input shrank: a reader globbing the shards would read stale rows
-    raise UserError(f"{extra[0]} is beyond this run's {len(shards)} shards (the input has "
-                    "fewer rows than when it was written): use another --output, or delete "
-                    "that folder's shards")
+  as_given = _as_given(opts)
+  finished = {i for i, (s, m) in enumerate(zip(shards, metas))
+              if check_finished(opts.output, i, m, lambda s=s: rows_digest(s, as_given))}
+  check_no_stale_shards(opts.output, len(shards))
   if dropped:
     logging.warning("skipped %d of %d files: %s", sum(dropped.values()), images_in, dropped)
   return model, layers, shards, dropped, images_in, finished, metas
@@ -240,6 +312,7 @@ def run(opts: EmbedOptions) -> dict:
   """The one-box path: every unfinished shard, in order, with a tqdm bar in images/s."""
   from tqdm import tqdm
   start = time.perf_counter()
+  opts = opts.validate()
   model, layers, shards, dropped, images_in, finished, metas = prepare(opts)
   todo = [i for i in range(len(shards)) if i not in finished]
   with tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="embed") as bar:

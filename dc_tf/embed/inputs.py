@@ -10,11 +10,17 @@ and de-duplicated with make_shards' own code, in one deterministic row order.
              again, since a shard may come from elsewhere)
 
 Each image is read once here: zero-byte, non-image, truncated and corrupt files are dropped
-with make_shards' reasons (`make_shards.check_image`), byte-identical copies keep the smallest
-image id (`make_shards.keep_one_per_hash`, "duplicate"). Only metadata and a SHA-1 are kept;
-the embedder reads the bytes again (and refuses a file whose bytes changed meanwhile). The
-rows are sorted by their key (the path relative to the folder, the list's path, or
-`<shard file>#<record>`), so a rerun over the same input gives the same rows in the same order.
+with make_shards' reasons (`checks.check_image`), byte-identical copies keep the smallest
+image id (`checks.keep_one_per_hash`, "duplicate"); a yfcc_list photo id with several files
+keeps the first path in sorted order and counts the others as "second image file", as
+make_shards' yfcc join does (one id, one row: the clusters' id table needs it). Only metadata
+and a SHA-1 are kept; the embedder reads the bytes again (and refuses a file whose bytes
+changed meanwhile), a TFRecord shard whole (`record_images`). The rows are sorted by their
+key (the path relative to the folder, the list's path, or `<shard file>#<record>`), so a
+rerun over the same input gives the same rows in the same order.
+
+`resolve` spells --input once, at the edge (the real absolute path), so that `photos`,
+`./photos/` and `/abs/photos` give the same rows and paths.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import apache_beam as beam
 import tensorflow as tf
 
 from dc_tf.config import UserError
-from dc_tf.data import make_shards, schema, sources
+from dc_tf.data import checks, schema, sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +69,18 @@ def row_from_index(line: dict) -> Row:
 
 
 INPUT_FORMATS = ("auto", "folder", "list", "yfcc_list", "tfrecord")
+
+
+def resolve(path: str) -> str:
+  """--input as one spelling: the real absolute path of a local folder, list or glob (a glob's
+  pattern part is kept as it is); a URL (gs://...) as given."""
+  return path if "://" in path else os.path.realpath(path)
+
+
+def input_root(path: str, kind: str) -> str:
+  """The folder the rows' paths are relative to: the folder itself, else the folder of the
+  list file or of the shards' glob."""
+  return path.rstrip("/") if kind == "folder" else os.path.dirname(path)
 
 
 def input_kind(path: str, input_format: str = "auto") -> str:
@@ -101,14 +119,19 @@ def _list_items(list_file: str):
 
 def _yfcc_list_items(list_file: str):
   base = os.path.dirname(os.path.abspath(list_file))
+  paths = collections.defaultdict(list)
   with open(list_file) as f:
     for line in f:
       for out in sources.parse_image_list_line(line, base):
         if isinstance(out, beam.pvalue.TaggedOutput):
           yield None, out.value[0]
         else:
-          photo_id, path = out
-          yield sources.Item(key=str(photo_id), path=path, image_id=photo_id), None
+          paths[out[0]].append(out[1])
+  for photo_id, files in paths.items():   # as sources._join_photo: the first path sorted
+    files = sorted(files)
+    for _ in files[1:]:
+      yield None, "second image file"
+    yield sources.Item(key=str(photo_id), path=files[0], image_id=photo_id), None
 
 
 def _records(path: str):
@@ -151,22 +174,22 @@ def plan(input_path: str, dedupe: bool = True, input_format: str = "auto"
     else:
       record_file, record_index = "", -1
       try:
-        data = make_shards.read_bytes(item)
+        data = checks.read_bytes(item)
       except (OSError, KeyError, tf.errors.OpError):
         dropped["unreadable"] += 1
         continue
-    why, fmt, height, width = make_shards.check_image(data)
+    why, fmt, height, width = checks.check_image(data)
     if why:
       dropped[why] += 1
       continue
     sha1 = hashlib.sha1(data).hexdigest()
-    checked = make_shards.Checked(item, sources.id_of(item), sha1, fmt, height, width)
+    checked = checks.Checked(item, sources.id_of(item), sha1, fmt, height, width)
     by_hash[sha1].append((checked, record_file, record_index))
   rows = []
   for sha1, copies in by_hash.items():
     where = {id(c): (f, i) for c, f, i in copies}
-    for out in make_shards.keep_one_per_hash((sha1, [c for c, _, _ in copies]), 0,
-                                             frozenset(), dedupe):
+    for out in checks.keep_one_per_hash((sha1, [c for c, _, _ in copies]), 0, frozenset(),
+                                        dedupe):
       if isinstance(out, beam.pvalue.TaggedOutput):
         dropped[out.value[0]] += 1
         continue
@@ -179,20 +202,40 @@ def plan(input_path: str, dedupe: bool = True, input_format: str = "auto"
   return rows, dict(sorted(dropped.items())), seen
 
 
+def record_images(path: str) -> list[bytes]:
+  """The encoded images of one TFRecord shard, in record order: the shard read whole."""
+  return [ex[schema.ENCODED].numpy() for _, ex in _records(path)]
+
+
 _RECORDS = threading.local()  # the last shard file read, whole (rows come in shard order)
 
 
-def read_bytes(row: Row) -> bytes:
-  """The image's bytes again; a UserError if they are no longer those that were checked."""
-  if row.record_file:
-    if getattr(_RECORDS, "file", None) != row.record_file:
-      _RECORDS.file = row.record_file
-      _RECORDS.data = [ex[schema.ENCODED].numpy() for _, ex in _records(row.record_file)]
-    data = _RECORDS.data[row.record_index]
-  else:
-    with tf.io.gfile.GFile(row.path, "rb") as f:
-      data = f.read()
+def _checked(row: Row, data: bytes) -> bytes:
   if hashlib.sha1(data).hexdigest() != row.sha1:
     raise UserError(f"{row.path} changed while it was embedded (its SHA-1 is no longer the "
                     "one checked): rerun to plan again")
   return data
+
+
+def read_bytes(row: Row) -> bytes:
+  """The image's bytes again; a UserError if they are no longer those that were checked.
+  Rows of one shard file in a row are read with one read of the file (per thread)."""
+  if row.record_file:
+    if getattr(_RECORDS, "file", None) != row.record_file:
+      _RECORDS.file = row.record_file
+      _RECORDS.data = record_images(row.record_file)
+    return _checked(row, _RECORDS.data[row.record_index])
+  with tf.io.gfile.GFile(row.path, "rb") as f:
+    return _checked(row, f.read())
+
+
+def read_file_rows(rows) -> list[bytes]:
+  """The bytes of rows that all come from one file: a TFRecord shard is read once for all of
+  them, whatever order they come in (the Beam path groups its rows by file)."""
+  files = {r.record_file or r.path for r in rows}
+  if len(files) != 1:
+    raise ValueError(f"rows of {len(files)} files, not one: {sorted(files)[:2]}")
+  if not rows[0].record_file:
+    return [read_bytes(r) for r in rows]
+  data = record_images(rows[0].record_file)
+  return [_checked(r, data[r.record_index]) for r in rows]

@@ -1,8 +1,9 @@
 """The embed pipeline on Apache Beam: the same rows, shards and files as the one-box path,
 with Beam's RunInference and a model handler of our own on the serving SavedModel.
 
-  rows of the unfinished shards -> read bytes -> RunInference(serving_default) -> group by
-  shard -> write the shard (`features.write_shard`) -> index.csv + embed.json
+  rows of the unfinished shards, grouped by the file they are in -> read bytes (a TFRecord
+  shard once for all its rows) -> RunInference(serving_default) -> group by shard -> write the
+  shard (`features.write_shard`) -> index.csv + embed.json
 
 Beam's own TF handler (`apache_beam.ml.inference.tensorflow_inference`) imports tensorflow_hub,
 which brings Keras 2's tf_keras and needs setuptools' pkg_resources; `ServingHandler` needs
@@ -64,9 +65,20 @@ class WriteShard(beam.DoFn):
     yield index
 
 
-def _read(element):
-  shard, position, row = element
-  return (shard, position), inputs.read_bytes(row)
+def by_file(todo) -> list[list]:
+  """The (shard, position, row) elements as groups, one per file read: a TFRecord shard's rows
+  together (Create's reshuffle would otherwise scatter them, and each worker would read the
+  shard again for nearly every row), every other image alone."""
+  groups: dict[str, list] = {}
+  for element in todo:
+    row = element[2]
+    groups.setdefault(row.record_file or f"{len(groups)}:{row.path}", []).append(element)
+  return list(groups.values())
+
+
+def _read(group):
+  for (shard, position, _), data in zip(group, inputs.read_file_rows([e[2] for e in group])):
+    yield (shard, position), data
 
 
 def _by_shard(element):
@@ -76,8 +88,9 @@ def _by_shard(element):
 
 def run(opts: features.EmbedOptions, beam_args: Sequence[str]) -> dict:
   from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-  from dc_tf.data import make_shards
+  from dc_tf.data import checks
   start = time.perf_counter()
+  opts = opts.validate()
   model, layers, shards, dropped, images_in, finished, metas = features.prepare(opts)
   todo = [(i, j, row) for i, rows in enumerate(shards) if i not in finished
           for j, row in enumerate(rows)]
@@ -85,9 +98,9 @@ def run(opts: features.EmbedOptions, beam_args: Sequence[str]) -> dict:
   runner = options.view_as(StandardOptions).runner or "DirectRunner"
   if todo:
     handler = base.KeyedModelHandler(ServingHandler(model.path, layers, opts.batch_size))
-    with beam.Pipeline(runner=make_shards.pipeline_runner(options), options=options) as p:
-      _ = (p | "Rows" >> beam.Create(todo, reshuffle=True)
-           | "Read" >> beam.Map(_read)
+    with beam.Pipeline(runner=checks.pipeline_runner(options), options=options) as p:
+      _ = (p | "Rows by file" >> beam.Create(by_file(todo), reshuffle=True)
+           | "Read" >> beam.FlatMap(_read)
            | "Embed" >> base.RunInference(handler)
            | "By shard" >> beam.Map(_by_shard)
            | "Group shards" >> beam.GroupByKey()

@@ -1,6 +1,7 @@
 """python -m dc_tf.embed on a folder: rows, drop reasons, numbers equal to the export's,
 deterministic order, resume and its refusals, list and TFRecord inputs."""
 
+import collections
 import csv
 import glob
 import hashlib
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, jpeg_bytes, write_records
 from dc_tf import export
 from dc_tf.config import UserError
 from dc_tf.data import make_shards
-from dc_tf.embed import features, inputs
+from dc_tf.embed import features, inputs, on_beam
 
 
 def embed(photos, model, out, **kw):
@@ -46,6 +47,81 @@ def test_plan_drops_bad_files_and_duplicates_with_make_shards_reasons(photos):
   assert len(rows_all) == 14 and "duplicate" not in dropped_all
 
 
+def test_a_yfcc_list_photo_with_two_files_is_one_row(photos, tmp_path):
+  """As make_shards' yfcc join: the first path in sorted order, the other counted; two rows
+  of one id would make the clusters' id table ambiguous (issue 36)."""
+  a, b, c = sorted(glob.glob(f"{photos}/*/img0[0-2].jpg"))
+  listing = tmp_path / "yfcc.txt"
+  listing.write_text(f"7\t{b}\n8\t{c}\n7\t{a}\n")
+  rows, dropped, seen = inputs.plan(str(listing), input_format="yfcc_list")
+  assert [(r.image_id, r.path) for r in rows] == [(7, a), (8, c)]
+  assert dropped == {"second image file": 1} and seen == 3
+
+
+def test_the_beam_path_reads_each_input_shard_once_in_any_order(example, tmp_path,
+                                                                monkeypatch):
+  """Issue 36: a runner's shuffle (Create(reshuffle=True) on Dataflow) scatters the rows, so
+  the last-shard cache of read_bytes would read a whole shard again for nearly every row; the
+  rows travel grouped by the shard they are in, and each group reads it once."""
+  import random
+  for f in range(2):
+    write_records(str(tmp_path / f"p-{f}.tfrecord"),
+                  [example(data=jpeg_bytes(10 * f + i), image_id=10 * f + i) for i in range(4)])
+  rows = inputs.plan(str(tmp_path / "p-*.tfrecord"))[0]
+  want = {(j // 3, j % 3): inputs.read_bytes(r) for j, r in enumerate(rows)}
+  todo = [(j // 3, j % 3, r) for j, r in enumerate(rows)]
+  random.Random(0).shuffle(todo)
+  reads, read = collections.Counter(), inputs.record_images
+  monkeypatch.setattr(inputs, "record_images", lambda path: reads.update([path]) or read(path))
+  got = {key: data for group in on_beam.by_file(todo) for key, data in on_beam._read(group)}  # noqa: SLF001
+  assert got == want
+  assert sorted(reads) == sorted(glob.glob(str(tmp_path / "p-*.tfrecord")))
+  assert set(reads.values()) == {1}, reads
+
+
+def test_one_folder_spelled_four_ways_has_one_digest(photos, tmp_path, monkeypatch):
+  """--input is resolved once and the digest hashes paths relative to it: a resume may spell
+  the folder another way (issue 36)."""
+  os.symlink(photos, tmp_path / "link")
+  monkeypatch.chdir(tmp_path)
+  metas = []
+  for spelling in ("photos", "./photos/", photos, "link"):
+    opts = features.EmbedOptions(input=spelling, model="m", output="o").validate()
+    assert opts.input == os.path.realpath(photos)
+    metas.append(features.shard_meta(0, inputs.plan(opts.input)[0], "sha", ["fc7"], opts))
+  assert all(m == metas[0] for m in metas[1:])
+
+
+def test_a_finished_shard_beyond_the_runs_count_is_named_gap_or_not(tmp_path):
+  """Indices are compared, not the sorted list's length: a gap hides nothing."""
+  for name in ("shard-00000.json", "shard-00003.json", "shard-00001.json.tmp-5"):
+    (tmp_path / name).write_text("{}")
+  with pytest.raises(UserError, match="shard-00003.json is beyond this run's 2 shards"):
+    features.check_no_stale_shards(str(tmp_path), 2)
+  features.check_no_stale_shards(str(tmp_path), 4)
+
+
+def test_the_model_of_a_features_folder_is_found_from_anywhere(tmp_path, monkeypatch):
+  def export_at(path):
+    os.makedirs(path)
+    open(os.path.join(path, "saved_model.pb"), "w").close()
+    return str(path)
+  out = tmp_path / "out"
+  inside = export_at(out / "export" / "serving")
+  mine = export_at(tmp_path / "models" / "mine")
+  monkeypatch.chdir(tmp_path / "models")
+  assert features.model_path_of("../out", {"model": mine, "model_in_output": None}) == mine
+  # inside the output: found there, even when the folder moved since
+  gone = str(tmp_path / "moved" / "out" / "export" / "serving")
+  found = features.model_path_of("../out", {"model": gone, "model_in_output": "export/serving"})
+  assert os.path.samefile(found, inside)
+  # an older embed.json: the path as given, relative to where embed ran
+  old = features.model_path_of("../out", {"model": "out/export/serving"})
+  assert os.path.samefile(old, inside)
+  with pytest.raises(UserError, match="runs/x/serving .relative to the folder embed ran in"):
+    features.model_path_of("../out", {"model": "runs/x/serving"})
+
+
 @pytest.mark.slow
 def test_embed_folder_equals_the_serving_export_and_resumes(photos, tiny_export, tmp_path):
   out = str(tmp_path / "out")
@@ -66,9 +142,24 @@ def test_embed_folder_equals_the_serving_export_and_resumes(photos, tiny_export,
   # another changes the last bits, oneDNN's kernels differ by batch)
   before = {f: open(f, "rb").read() for f in glob.glob(os.path.join(out, "*.npy"))}
   os.remove(os.path.join(out, "shard-00001.json"))   # an interrupted shard is redone
-  m2 = embed(photos, tiny_export, out, shard_size=5, batch_size=4)
+  # ... from another spelling of the same folder and model (issue 36)
+  m2 = embed(os.path.relpath(photos) + "/", os.path.relpath(tiny_export), out, shard_size=5,
+             batch_size=4)
   assert m2["resumed_shards"] == 2
   assert before == {f: open(f, "rb").read() for f in glob.glob(os.path.join(out, "*.npy"))}
+  assert m2["model"] == os.path.join(tiny_export, "serving")   # absolute: resolves anywhere
+  assert m2["model_in_output"] is None
+  # a shard json of an older dc_tf (its digest of the paths as --input spelled them) is
+  # checked as it was then: it resumes with that spelling, not with another
+  with open(os.path.join(out, "shard-00000.json")) as f:
+    old = json.load(f)
+  del old["digest_paths"]
+  old["rows_digest"] = features.rows_digest([inputs.row_from_index(r) for r in rows[:5]])
+  with open(os.path.join(out, "shard-00000.json"), "w") as f:
+    json.dump(old, f)
+  assert embed(os.path.realpath(photos), tiny_export, out, shard_size=5)["resumed_shards"] == 3
+  with pytest.raises(UserError, match="rows .the input changed"):
+    embed(os.path.relpath(photos), tiny_export, out, shard_size=5)
   # a finished shard of another run is refused, the difference named
   with pytest.raises(UserError, match="layers"):
     embed(photos, tiny_export, out, shard_size=5, layers=("fc7",))
@@ -89,7 +180,8 @@ def test_embed_folder_equals_the_serving_export_and_resumes(photos, tiny_export,
 
 
 @pytest.mark.slow
-def test_list_and_tfrecord_inputs_give_the_folders_features(photos, tiny_export, tmp_path):
+def test_list_and_tfrecord_inputs_give_the_folders_features(photos, tiny_export, tmp_path,
+                                                            monkeypatch):
   ref_out = str(tmp_path / "ref")
   embed(photos, tiny_export, ref_out, layers=("fc7",))
   ref = {r["sha1"]: v for r, v in zip(index(ref_out), load(ref_out, "fc7"))}
@@ -112,7 +204,18 @@ def test_list_and_tfrecord_inputs_give_the_folders_features(photos, tiny_export,
   rec_out = str(tmp_path / "rec_out")
   m = embed(str(shards / "p-*.tfrecord"), tiny_export, rec_out, layers=("fc7",))
   assert m["rows"] == 12 and m["dropped_total"] == 0
-  for out in (list_out, yfcc_out, rec_out):
+  # on Beam, each input shard is read once, whatever order the rows are shuffled into
+  # (issue 36: the one-shard cache of read_bytes missed on nearly every row)
+  reads, read = collections.Counter(), inputs.record_images
+  monkeypatch.setattr(inputs, "record_images", lambda path: reads.update([path]) or read(path))
+  beam_out = str(tmp_path / "beam_out")
+  m = on_beam.run(features.EmbedOptions(input=str(shards / "p-*.tfrecord"), model=tiny_export,
+                                        output=beam_out, layers=("fc7",), shard_size=3),
+                  ["--runner=DirectRunner"])
+  assert m["rows"] == 12 and len(m["shards"]) == 4
+  assert sorted(reads) == sorted(glob.glob(str(shards / "p-*.tfrecord")))
+  assert set(reads.values()) == {1}, reads
+  for out in (list_out, yfcc_out, rec_out, beam_out):
     for r, v in zip(index(out), load(out, "fc7")):
       np.testing.assert_allclose(v, ref[r["sha1"]], atol=1e-5, rtol=0)
 
@@ -155,6 +258,7 @@ def test_a_run_dir_is_exported_once_into_the_output(photos, tmp_path):
   out = str(tmp_path / "out")
   m = embed(photos, run_dir, out, layers=("fc7",))
   assert m["model"] == os.path.join(out, "export", "serving")
+  assert m["model_in_output"] == os.path.join("export", "serving")
   rows = index(out)
   with open(rows[0]["path"], "rb") as f:
     image = preprocess.eval_transform(tf.io.decode_jpeg(f.read(), channels=3), 32)
