@@ -446,6 +446,11 @@ def test_readme_is_a_map_and_keeps_the_newcomer_commands():
   blocks = [line for _, _, lines in read_markdown("README.md")[0] for line in lines]
   assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt && "
           "python train.py") in blocks
-  assert "pip install -r requirements-test.txt && python -m pytest -q tests" in blocks
+  # the tests: one command that sets up what they need (.ci/run itself), then the inner loop
+  # that .ci/run ends with
+  assert "bash .ci/run" in blocks and "python -m pytest -q tests" in blocks
+  assert blocks.index("bash .ci/run") < blocks.index("python -m pytest -q tests")
   with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
-    assert "\npython -m pytest -q tests\n" in f.read()
+    ci = f.read()
+  assert "\npython -m pytest -q tests\n" in ci
+  assert "-r requirements.txt" in ci and "-r requirements-test.txt" in ci and "chromium" in ci
