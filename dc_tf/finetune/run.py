@@ -61,6 +61,7 @@ class Finetuner:
                       "replicas")
     self.per_replica = c.global_batch // replicas
     self.is_chief = dist.is_chief(strategy)
+    self.model_config = model_lib.source_model_config(c.source, c.model)   # a bad --from first
     ckpt_dir = os.path.join(c.output_dir, "ckpt")
     latest = tf.train.latest_checkpoint(ckpt_dir) if tf.io.gfile.isdir(ckpt_dir) else None
     state = self._read_state() if latest else {}
@@ -82,7 +83,6 @@ class Finetuner:
                       f"are split between {workers} workers): write more shards")
     val_most = max(self.val_counts.of_worker(w, workers) for w in range(workers))
     self.val_steps = max(1, math.ceil(val_most / (self.per_replica * n_local)))
-    self.model_config = model_lib.source_model_config(c.source, c.model)
     with strategy.scope():
       self.model, self.trunk = model_lib.build_network(
           self.model_config, dropout=c.dropout, sobel2rgb=c.sobel2rgb,
