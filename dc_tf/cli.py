@@ -1,7 +1,15 @@
-"""Every absl flag of train.py, defined in one place and turned into the frozen config.
+"""Every absl flag of train.py, defined in one place and turned into the frozen config; and
+how every command starts and fails (`run`, `quiet_start`).
 
 Presets are flagfiles in flags/ (`--flagfile=flags/demo.cfg`); flags given after the
 flagfile override it. `config_from_flags` is the only reader of FLAGS.
+
+A quiet start: the first screen of a command is its own (issue 28, issue 36 item 4). TF's
+C++ start-up lines, absl's InitializeLog note and Beam's import warnings ("apitools not
+found") are hidden unless --verbosity asks for them. `python -m dc_tf.<command>` gets this
+from the package itself (dc_tf/__init__.py calls `quiet_start` while the command is being
+located, before its module imports TensorFlow or Beam at its top); train.py and evaluate.py
+import TensorFlow after `run` has parsed the flags, which installs the same finders.
 """
 
 from __future__ import annotations
@@ -150,10 +158,11 @@ def _error(message) -> None:
 
 
 class _HideLibraryInfo(logging.Filter):
-  """Drops INFO (and DEBUG) records logged from inside TensorFlow or Keras: they log through
-  the same absl handler as our own lines, so only where a record comes from tells them apart."""
+  """Drops INFO (and DEBUG) records logged from inside TensorFlow, Keras or Beam: they log
+  through the same absl handler as our own lines, so only where a record comes from tells
+  them apart."""
   LIBRARIES = tuple(f"{os.sep}{name}{os.sep}"
-                    for name in ("tensorflow", "keras", "tf_keras", "matplotlib"))
+                    for name in ("tensorflow", "keras", "tf_keras", "matplotlib", "apache_beam"))
 
   def filter(self, record):
     return record.levelno > logging.INFO or not any(p in record.pathname for p in self.LIBRARIES)
@@ -236,7 +245,80 @@ class _TensorFlowImportedQuietly(_AroundImport):
           print("\n".join(kept), file=sys.stderr)
 
 
-def run(main) -> None:
+class _NotBeamWarnings(logging.Filter):
+  def filter(self, record):
+    return (record.levelno > logging.WARNING or
+            f"{os.sep}apache_beam{os.sep}" not in record.pathname)
+
+
+class _BeamImportedQuietly(_AroundImport):
+  """While `apache_beam` is imported, its WARNING (and lower) records are dropped: its GCP
+  modules log "apitools not found, and bigquery client libraries are not available" through
+  the root logger at import, and that first call would also give the root logger
+  logging.basicConfig's handler, printing every later root record a second time beside absl's.
+  A handler of our own stands in while the import runs, so basicConfig adds none; Beam's
+  errors still reach stderr."""
+
+  def wants(self, name):
+    return name == "apache_beam"
+
+  def around(self, run_module, module):
+    root, hide = logging.getLogger(), _NotBeamWarnings()
+    stand_in = [] if root.handlers else [logging.StreamHandler(sys.stderr)]
+    for h in stand_in:
+      root.addHandler(h)
+    handlers = list(root.handlers)
+    root.addFilter(hide)
+    for h in handlers:
+      h.addFilter(hide)
+    try:
+      run_module(module)
+    finally:
+      root.removeFilter(hide)
+      for h in handlers:
+        h.removeFilter(hide)
+      for h in stand_in:
+        root.removeHandler(h)
+
+
+def asks_for_verbosity(argv) -> bool:
+  """Whether a command line sets absl's --verbosity (-v) to 1 or more (read before the flags
+  are parsed; a flagfile's --verbosity is not seen)."""
+  argv = list(argv or [])
+  for i, arg in enumerate(argv):
+    m = re.match(r"^--?(?:v|verbosity)(?:=(.*))?$", arg)
+    if m:
+      value = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+      try:
+        return int(value) >= 1
+      except ValueError:
+        return False
+  return False
+
+
+def _install(finder_class) -> None:
+  if not any(isinstance(f, finder_class) for f in sys.meta_path):
+    sys.meta_path.insert(0, finder_class())
+
+
+def quiet_start(verbose: bool | None = None) -> None:
+  """Hides the libraries' start-up lines of a command unless `verbose` (by default: whether
+  sys.argv asks for --verbosity >= 1): TF_CPP_MIN_LOG_LEVEL=2 unless the environment sets
+  it, and the finders that filter TensorFlow's and Beam's imports (only for a library not
+  imported yet). Keras never imports pyplot (_KerasWithoutPyplot). Safe to call again."""
+  if verbose is None:
+    verbose = asks_for_verbosity(sys.argv[1:])
+  if not verbose:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # C++ INFO and WARNING lines
+    if "tensorflow" not in sys.modules:
+      _install(_TensorFlowImportedQuietly)
+    if "apache_beam" not in sys.modules:
+      _install(_BeamImportedQuietly)
+  if "keras" not in sys.modules:
+    _install(_KerasWithoutPyplot)
+
+
+def run(main, known_only: bool = False) -> None:
   """`app.run(main)` for our entry points: a bad flag or a `UserError` (bad value, missing
   shards, missing or tampered checkpoint or export) prints one line, `error: ...`, and exits
   with status 2, no traceback. TensorFlow's and Keras' own INFO lines (a saver line per
@@ -244,22 +326,20 @@ def run(main) -> None:
   more asks for them; our log lines and progress bars stay. TF's C++ start-up lines (oneDNN
   and CPU-feature notes) are hidden through TF_CPP_MIN_LOG_LEVEL=2, set before TensorFlow is
   first imported unless the environment sets it already, and, for builds that ignore it, by
-  filtering what TF writes to stderr while it is imported (_TensorFlowImportedQuietly)."""
+  filtering what TF writes to stderr while it is imported (_TensorFlowImportedQuietly).
+  `known_only`: flags nobody defined are passed on to `main` (make_shards hands them to
+  Beam) instead of being refused."""
   def parse(argv):
     try:
-      return FLAGS(argv)
+      return FLAGS(argv, known_only=known_only)
     except flags.Error as e:
       _error(e)
 
   def quiet_main(argv):
     if FLAGS.verbosity < 1:
       from absl import logging as absl_logging
-      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # C++ INFO and WARNING lines
       absl_logging.get_absl_handler().addFilter(_HideLibraryInfo())
-      if "tensorflow" not in sys.modules:
-        sys.meta_path.insert(0, _TensorFlowImportedQuietly())
-    if "keras" not in sys.modules:
-      sys.meta_path.insert(0, _KerasWithoutPyplot())
+    quiet_start(verbose=FLAGS.verbosity >= 1)
     try:
       return main(argv)
     except UserError as e:

@@ -173,3 +173,13 @@ def test_tensorflow_import_lines_are_filtered_and_other_stderr_kept():
   assert out.returncode == 0, out.stderr[-2000:]
   assert "port.cc" not in out.stderr and "InitializeLog" not in out.stderr, out.stderr
   assert out.stderr.splitlines()[-1] == "after"
+
+
+def test_verbosity_is_read_from_the_command_line_before_the_flags_are_parsed():
+  """cli.quiet_start runs while `python -m dc_tf.<command>` is located, before absl parses
+  anything: it reads --verbosity (or -v) itself, in each spelling absl accepts."""
+  from dc_tf import cli
+  for argv in (["--verbosity=1"], ["-v", "2"], ["--input=x", "--v=1"], ["--verbosity", "3"]):
+    assert cli.asks_for_verbosity(argv), argv
+  for argv in ([], ["--verbosity=0"], ["--input=x"], ["-v"], ["--verbose_name=1"]):
+    assert not cli.asks_for_verbosity(argv), argv

@@ -433,11 +433,12 @@ def options_from_flags(f, beam_args: Sequence[str]) -> ShardOptions:
 
 def main(argv):
   from absl import flags
+  from dc_tf.config import UserError
   logging.getLogger().setLevel(logging.INFO)
   try:
     manifest = run(options_from_flags(flags.FLAGS, argv[1:]))
   except (FileNotFoundError, ValueError) as e:  # bad input: one line naming the file or flag
-    raise SystemExit(f"make_shards: {e}") from None
+    raise UserError(str(e)) from None
   print(json.dumps({k: v for k, v in manifest.items()
                     if k not in ("labels", "shards", "options")}, indent=1))
 
@@ -476,10 +477,10 @@ def define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app, flags as absl_flags
-  # Run the imported module, not __main__: Beam pickles what __main__ defines by value (its
-  # thread-local zip cache cannot be), and cluster workers import dc_tf.data.make_shards.
+  from dc_tf import cli
+  # Run the imported module, not __main__: Beam pickles what __main__ defines by value, and
+  # cluster workers import dc_tf.data.make_shards.
   from dc_tf.data import make_shards as _module
   _module.define_flags()
   # Flags this module does not define are Beam's pipeline options (--runner, --project, ...).
-  app.run(_module.main, flags_parser=lambda argv: absl_flags.FLAGS(argv, known_only=True))
+  cli.run(_module.main, known_only=True)
