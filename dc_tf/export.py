@@ -22,6 +22,10 @@
              normalised, the 15 endpoints as outputs (Keras 3 `model.export(format="onnx")`).
   model_card.json   config, training data, the checkpoint's step and epoch (-1: unknown),
              and the sha256 of each export: its keys are exactly the artefacts beside it.
+  Loading (`load`, `load_keras`, and so embed, neighbours, evaluate.py) first runs
+  `check_model`: the card must be there and match, and a SavedModel's graphs may hold only
+  the ops our exports hold (`ALLOWED_OPS`), else the model is refused before any of it runs,
+  unless trusted (--trust_model; issue 37).
   Each export first deletes every artefact above that the directory holds (the card first),
   so none is left from an earlier export (issue 37: a trunk.onnx no card lists); other files
   in the directory are not touched.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import keras
@@ -255,37 +260,130 @@ def remove_artefacts(export_dir: str) -> list:
   return removed
 
 
-DENYLISTED_OPS = ("ReadFile", "WriteFile", "PrintV2")  # as `saved_model_cli scan`
+# Every op type the graphs of our exports hold (serving/ and trunk/, with every function of
+# their libraries): collected from exports of the tiny trunk with the Sobel and the RGB front,
+# dropout 0 and 0.5, mixed bfloat16, fold_sobel, 32 and 64 px, under TF 2.21; the test
+# (tests/models/test_model_scan.py) exports one again and checks its ops are all here. A model
+# holding any other op is refused before it is loaded (issue 37): an allow-list, since a
+# deny-list (ReadFile, WriteFile, PrintV2, as `saved_model_cli scan`) misses the ops it did
+# not think of. The only ones that touch files are the checkpoint's own (CHECKPOINT_IO_OPS,
+# reading and writing the SavedModel's variables/; ShardedFilename and StringJoin only build
+# its file names).
+CHECKPOINT_IO_OPS = frozenset({"SaveV2", "RestoreV2", "MergeV2Checkpoints"})
+ALLOWED_OPS = CHECKPOINT_IO_OPS | frozenset({
+    # variables and resources
+    "VarHandleOp", "ReadVariableOp", "AssignVariableOp", "VarIsInitializedOp",
+    "DisableCopyOnRead",
+    # calls and control flow
+    "StatefulPartitionedCall", "NoOp", "Identity", "IdentityN", "Placeholder", "Const", "If",
+    "While", "Assert", "StaticRegexFullMatch", "ShardedFilename", "StringJoin",
+    # image decoding in serving_default: tf.io.decode_image is DecodeImage; the per-format
+    # decoders are what it was built from in older TF (in-memory bytes, no file access)
+    "DecodeImage", "DecodeJpeg", "DecodePng", "DecodeGif", "DecodeBmp", "ScaleAndTranslate",
+    # map_fn over the batch
+    "TensorListFromTensor", "TensorListGetItem", "TensorListReserve", "TensorListSetItem",
+    "TensorListStack",
+    # the trunk, its preprocessing, pooling and regularisation loss
+    "AddN", "AddV2", "All", "AvgPool", "BiasAdd", "Cast", "Ceil", "Conv2D", "DivNoNan",
+    "ExpandDims", "FloorDiv", "FloorMod", "Greater", "GreaterEqual", "Less", "LogicalAnd",
+    "MatMul", "MaxPool", "Maximum", "Mean", "Min", "Minimum", "Mul", "Neg", "OnesLike",
+    "Pack", "Pad", "Range", "RealDiv", "Relu", "Reshape", "Round", "Rsqrt", "Select",
+    "SelectV2", "Shape", "Slice", "Square", "Squeeze", "StridedSlice", "Sub", "Sum", "Unpack",
+    # dropout in the trunk's training-mode trace
+    "StatelessRandomGetKeyCounter", "StatelessRandomUniformV2",
+})
+TRUST_HINT = ("pass --trust_model (trust=True in Python) only if you know where this model "
+              "comes from")
 
 
-def scan_ops(path: str) -> dict:
-  """Counts denylisted ops (file I/O, printing) in a SavedModel's graphs and functions."""
+def graph_ops(path: str) -> dict:
+  """{op type: count} over a SavedModel's graphs and every function of their libraries, read
+  from saved_model.pb with the protobuf classes: nothing of the model is loaded or run."""
+  from google.protobuf import message
   from tensorflow.core.protobuf import saved_model_pb2
   sm = saved_model_pb2.SavedModel()
-  with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as f:
-    sm.ParseFromString(f.read())
+  try:
+    with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as f:
+      sm.ParseFromString(f.read())
+  except message.DecodeError as e:
+    raise ExportError(f"cannot load SavedModel at {path}: saved_model.pb does not parse "
+                      f"({e})") from None
   found: dict[str, int] = {}
   for meta in sm.meta_graphs:
     nodes = list(meta.graph_def.node)
     for fn in meta.graph_def.library.function:
       nodes += list(fn.node_def)
     for node in nodes:
-      if node.op in DENYLISTED_OPS:
-        found[node.op] = found.get(node.op, 0) + 1
+      found[node.op] = found.get(node.op, 0) + 1
   return found
 
 
-def load(path: str, verify: bool = True):
-  """Loads serving/ or trunk/ (or an export dir: serving/) with clear errors, checking the
-  model card's sha256 when one is next to it (a mismatch refuses to load)."""
+def scan_ops(path: str) -> dict:
+  """{op type: count} of the ops of a SavedModel that are not in `ALLOWED_OPS` ({} for our
+  exports)."""
+  return {op: n for op, n in sorted(graph_ops(path).items()) if op not in ALLOWED_OPS}
+
+
+def check_model(path: str, trust: bool = False, require_card: bool = True) -> None:
+  """Refuses, before anything of it is loaded, a SavedModel dir or a .keras file of an export
+  (`path`) whose model card (model_card.json beside it) is missing (unless not
+  `require_card`) or records another sha256 for it, or a SavedModel holding an op outside
+  `ALLOWED_OPS`. `trust` accepts such a model (a warning names what was found). The card
+  proves only that the files are the ones it describes, not who wrote them: both sit in the
+  same folder, so a forged model comes with a forged card; the op scan is what keeps a model
+  from reading or writing files."""
+  path = path.rstrip("/") or path
+  folder = os.path.dirname(path) or "."
+  problems = []
+  card_path = os.path.join(folder, CARD_FILE)
+  name = os.path.basename(path)
+  if not tf.io.gfile.exists(card_path):
+    if require_card:
+      problems.append(f"no {CARD_FILE} in {folder}, so nothing vouches for {path}")
+    else:
+      logging.warning("%s has no %s beside it: its checksum is not checked", path, CARD_FILE)
+  else:
+    try:
+      with tf.io.gfile.GFile(card_path) as f:
+        expected = (json.load(f).get("sha256") or {}).get(name)
+    except (ValueError, AttributeError):
+      expected = None
+    digest = _dir_sha256 if tf.io.gfile.isdir(path) else _file_sha256
+    if not expected:
+      problems.append(f"the model card {card_path} records no sha256 for {name}")
+    elif expected != digest(path):
+      problems.append(f"checksum mismatch for {path}: the export was modified after it was "
+                      f"written (model card {card_path})")
+  if tf.io.gfile.isdir(path):
+    try:
+      bad = scan_ops(path)
+    except ExportError:
+      if not problems:
+        raise
+      bad = {}     # saved_model.pb changed and does not parse: the checksum names it
+    if bad:
+      ops = ", ".join(f"{op} (x{n})" for op, n in bad.items())
+      problems.append(f"{path} holds ops that no dc_tf export has: {ops} (an op outside "
+                      "export.ALLOWED_OPS may read or write files, even while it loads)")
+  if not problems:
+    return
+  if trust:
+    logging.warning("loading %s though %s (--trust_model)", path, "; ".join(problems))
+    return
+  raise ExportError(f"refusing to load the model at {path}: {'; '.join(problems)}; "
+                    f"{TRUST_HINT}")
+
+
+def load(path: str, trust: bool = False):
+  """Loads serving/ or trunk/ (or an export dir: serving/) with clear errors, after
+  `check_model` (card, sha256, op scan: a model that fails it is refused unless `trust`)."""
   if not tf.io.gfile.isdir(path):
     raise ExportError(f"export directory not found: {path}")
   if tf.io.gfile.isdir(os.path.join(path, "serving")):
     path = os.path.join(path, "serving")
   if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
     raise ExportError(f"not a SavedModel (no saved_model.pb): {path}")
-  if verify:
-    _check_sha256(path, _dir_sha256)
+  check_model(path, trust)    # before tf.saved_model.load: loading runs the restore ops
   try:
     return tf.saved_model.load(path)
   except Exception as e:  # noqa: BLE001 - any loader failure means a corrupt export
@@ -293,33 +391,21 @@ def load(path: str, verify: bool = True):
                       f"{str(e).splitlines()[0][:200]}") from e
 
 
-def _check_sha256(path: str, digest) -> None:
-  """Refuses `path` (a SavedModel dir or a file of an export) when the model card beside it
-  records another sha256 for it."""
-  path = path.rstrip("/")
-  card_path = os.path.join(os.path.dirname(path), "model_card.json")
-  if not tf.io.gfile.exists(card_path):
-    return
-  with tf.io.gfile.GFile(card_path) as f:
-    expected = json.load(f).get("sha256", {}).get(os.path.basename(path))
-  if expected and expected != digest(path):
-    raise ExportError(f"checksum mismatch for {path}: the export was modified after it "
-                      f"was written (model card {card_path}); refusing to load")
-
-
-def load_keras(path: str, verify: bool = True) -> keras.Model:
-  """The Keras-native trunk: `path` is an export dir or its trunk.keras. Checks the model
-  card's sha256 as `load` does, then `keras.saving.load_model` in its safe mode (no pickled
-  or lambda code is run)."""
+def load_keras(path: str, trust: bool = False) -> keras.Model:
+  """The Keras-native trunk: `path` is an export dir or its trunk.keras. `check_model` first
+  (a card beside it must record the file's sha256; refused unless `trust`), then
+  `keras.saving.load_model` in its safe mode, which is what keeps code out: a .keras file
+  holds no graph, only a config of registered layer classes and weights, and safe mode
+  refuses a Lambda layer's pickled code instead of running it. A .keras file without a card
+  loads (a warning says so): `python -m dc_tf.finetune --from=` takes a bare trunk.keras."""
   if tf.io.gfile.isdir(path):
     path = os.path.join(path, KERAS_FILE)
   if not tf.io.gfile.exists(path):
     raise ExportError(f"Keras trunk not found: {path} (exports before issue 26 have none: "
                       "re-export with python -m dc_tf.export)")
-  if verify:
-    _check_sha256(path, _file_sha256)
+  check_model(path, trust, require_card=False)
   try:
-    return keras.saving.load_model(path)
+    return keras.saving.load_model(path, safe_mode=True)
   except Exception as e:  # noqa: BLE001 - any loader failure means a corrupt file
     raise ExportError(f"cannot load Keras trunk at {path}: {type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e

@@ -84,8 +84,10 @@ def test_missing_corrupt_and_tampered_exports(exported, tmp_path):
   bad = tmp_path / "bad"
   bad.mkdir()
   (bad / "saved_model.pb").write_bytes(b"garbage")
-  with pytest.raises(export.ExportError, match="cannot load"):
+  with pytest.raises(export.ExportError, match="no model_card.json"):
     export.load(str(bad))
+  with pytest.raises(export.ExportError, match="cannot load"):
+    export.load(str(bad), trust=True)
   import shutil
   copy = tmp_path / "copy"
   shutil.copytree(d, copy)
