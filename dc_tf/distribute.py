@@ -168,16 +168,18 @@ def _mwms_with_cpu_replicas(n: int, options):
     extended._initialize_local_devices = original
 
 
-def make_strategy(cpu_replicas: int = 0) -> tf.distribute.Strategy:
+def make_strategy(cpu_replicas: int = 0, local_only: bool = False) -> tf.distribute.Strategy:
   """The strategy for this process; `cpu_replicas` > 1: that many replicas per worker on
-  logical CPU devices (testing aid, see above). A stopped peer is caught by `Watchdog`."""
+  logical CPU devices (testing aid, see above). A stopped peer is caught by `Watchdog`.
+  `local_only`: this machine's devices alone, whatever TF_CONFIG says (evaluate.py)."""
   options = tf.distribute.experimental.CommunicationOptions()
+  several_workers = num_workers_in_tf_config() > 1 and not local_only
   if cpu_replicas > 1:
     devices = use_cpu_replicas(cpu_replicas)
-    if num_workers_in_tf_config() > 1:
+    if several_workers:
       return _mwms_with_cpu_replicas(cpu_replicas, options)
     return tf.distribute.MirroredStrategy(devices)
-  if num_workers_in_tf_config() > 1:
+  if several_workers:
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
   gpus = tf.config.list_logical_devices("GPU")
   if len(gpus) > 1:

@@ -157,8 +157,11 @@ def stream(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
       batches = [b for b in (next(it, None) for _ in range(n_local)) if b is not None]
       if not batches:
         break
-      blank = tf.zeros([0, *batches[0]["image"].shape[1:]], batches[0]["image"].dtype)
-      images = [b["image"] for b in batches] + [blank] * (n_local - len(batches))
+      # A replica with no batch left this round runs one image of the first and its output
+      # is dropped: an empty batch made TF 2.21's CPU conv of the Sobel front fail on it
+      # ('output depth must be evenly divisible by number of groups: 2 vs 3').
+      filler = batches[0]["image"][:1]
+      images = [b["image"] for b in batches] + [filler] * (n_local - len(batches))
       for i, (batch, feats) in enumerate(zip(batches, forward(images))):
         skipped = max(skipped, int(batch["skipped"].numpy().max()))
         out = {k: batch[k].numpy() for k in KEYS}

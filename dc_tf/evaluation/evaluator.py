@@ -16,7 +16,9 @@ most `cluster_sample` images. What runs where:
     the cluster picture: the host;
   - the cluster sample's PCA whitening and k-means: the local replicas of `strategy`, the
     sample split between them (`dist.split_local`);
-  - --probe=original: `linear_original.probe`, which reads the shards itself.
+  - --probe=original: `linear_original.probe`, which reads the shards itself, on the default
+    device; so do the VOC07 protocols and instance retrieval (`--voc_dir`, `--retrieval`):
+    they are separate jobs in the original too, one GPU each.
 Only ids and labels (16 bytes an image) are held for the whole set.
 """
 
@@ -187,7 +189,8 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
              voc_all_steps: int = 0, model_config: ModelConfig | None = None,
              probe: str = "fast", original_probe=None, cluster_sample: int = 20_000,
              feature_dir: str = "", keep_features: bool = False, batch_size: int = 256,
-             strategy=None) -> dict:
+             strategy=None, voc_split: str = "", voc_conv13_epochs: int = 0,
+             retrieval: "RetrievalOptions | None" = None) -> dict:
   """Scores `trained` (None: the random twin alone) and writes report.json / report.md /
   probe_layers.png / clusters.png in `output_dir`.
 
@@ -217,7 +220,8 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
     if model_config is None:
       raise ValueError("--baseline=random needs a model config: pass --checkpoint of the "
                        "architecture to copy")
-    subjects["random"] = random_twin(model_config, seed)
+    with (strategy or tf.distribute.get_strategy()).scope():
+      subjects["random"] = random_twin(model_config, seed)
   report = {"train_data": train_pattern, "test_data": test_pattern, "layers": list(layers),
             "probe_protocol": probe,
             "subjects": {k: v.source for k, v in subjects.items()}, "results": {}}
@@ -281,16 +285,53 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
   if run_dir:
     report["training_nmi_previous"] = training_nmi(run_dir)
   if voc_dir:
-    from dc_tf.evaluation import voc
-    report["voc07"] = {n: voc.evaluate_voc(s, voc_dir, seed=seed) for n, s in subjects.items()}
-    if voc_fc6_8_steps:
-      report["voc07_fc6_8"] = {n: voc.fc6_8(s, voc_dir, steps=voc_fc6_8_steps, seed=seed)["map"]
-                               for n, s in subjects.items()}
-    if voc_all_steps:
-      report["voc07_all"] = {n: voc.fc6_8(s, voc_dir, steps=voc_all_steps, seed=seed,
-                                          all_layers=True)["map"] for n, s in subjects.items()}
+    report["voc07_split"] = voc_split or "the protocol's own"
+    report.update(voc_reports(subjects, voc_dir, seed=seed, split=voc_split,
+                              fc6_8_steps=voc_fc6_8_steps, all_steps=voc_all_steps,
+                              conv13_epochs=voc_conv13_epochs))
+  if retrieval and retrieval.datasets:
+    from dc_tf.evaluation import retrieval as retrieval_lib
+    report["retrieval"] = {n: retrieval_lib.evaluate_retrieval(
+        s, datasets=retrieval.datasets, root=retrieval.root, max_side=retrieval.max_side,
+        pca_dim=retrieval.pca_dim, blacklist=retrieval.blacklist or None, progress=True)
+        for n, s in subjects.items()}
   write_report(report, output_dir)
   return report
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalOptions:
+  """evaluate.py's --retrieval* flags (`retrieval.evaluate_retrieval`, the paper's Table 6)."""
+  datasets: tuple = ()
+  root: str = ""
+  max_side: int = 1024
+  pca_dim: int = 512
+  blacklist: str = ""
+
+
+def voc_reports(subjects: dict, voc_dir: str, *, seed: int, split: str, fc6_8_steps: int,
+                all_steps: int, conv13_epochs: int) -> dict:
+  """The VOC07 protocols asked for, per subject (mAP %). `split` '' keeps each protocol's
+  original partition: trainval/test for the probe, fc6-8 and all (eval_voc_classif.py
+  --split trainval, the README's commands), train/val for conv13 (conv13.sh passes no
+  --split: eval_linear.py's default)."""
+  from dc_tf.evaluation import linear_original, voc
+  own = lambda default: split or default  # noqa: E731
+  out = {"voc07": {n: voc.evaluate_voc(s, voc_dir, seed=seed, splits=own("trainval/test"))
+                   for n, s in subjects.items()}}
+  if fc6_8_steps:
+    out["voc07_fc6_8"] = {n: voc.fc6_8(s, voc_dir, steps=fc6_8_steps, seed=seed,
+                                       splits=own("trainval/test"))["map"]
+                          for n, s in subjects.items()}
+  if all_steps:
+    out["voc07_all"] = {n: voc.fc6_8(s, voc_dir, steps=all_steps, seed=seed, all_layers=True,
+                                     splits=own("trainval/test"))["map"]
+                        for n, s in subjects.items()}
+  if conv13_epochs:
+    cfg = linear_original.VocProbeConfig(epochs=conv13_epochs, seed=seed)
+    out["voc07_conv13"] = {n: linear_original.voc_probe(s, voc_dir, cfg, splits=own("train/val"))["map"]
+                           for n, s in subjects.items()}
+  return out
 
 
 def training_nmi(run_dir: str) -> list[dict]:
@@ -327,9 +368,29 @@ def write_report(report: dict, output_dir: str) -> None:
     if isinstance(scores, dict):
       lines.append(f"| NMI vs {field} | " + " | ".join(
           f"{report['results'][n]['clusters'][field]['nmi']:.3f}" for n in names) + " |")
+  lines += paper_lines(report, names)
   with tf.io.gfile.GFile(os.path.join(output_dir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   plot_layers(report, os.path.join(output_dir, "probe_layers.png"))
+
+
+def paper_lines(report: dict, names: list) -> list[str]:
+  """report.md rows for the VOC07 protocols and instance retrieval that ran (mAP %)."""
+  rows = []
+  for key, what in (("voc07_fc6_8", "VOC07 fc6-8"), ("voc07_all", "VOC07 all layers"),
+                    ("voc07_conv13", "VOC07 conv13 (Table 3)")):
+    if key in report:
+      rows.append(f"| {what} mAP | " + " | ".join(f"{report[key][n]:.1f}" for n in names)
+                  + " |")
+  for name in sorted(report.get("retrieval", {}).get(names[0], {})):
+    for setup in ("map", "medium", "hard"):
+      if setup not in report["retrieval"][names[0]][name]:
+        continue
+      values = [report["retrieval"][n][name][setup] for n in names]
+      values = [v if setup == "map" else v["map"] for v in values]
+      label = name if setup == "map" else f"{name} {setup}"
+      rows.append(f"| {label} mAP | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+  return rows
 
 
 def plot_layers(report: dict, path: str) -> None:
