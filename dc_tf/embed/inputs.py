@@ -1,5 +1,6 @@
 """What `dc_tf.embed` reads: a folder, a list file or make_shards' TFRecord shards, checked
-and de-duplicated with make_shards' own code, in one deterministic row order.
+and de-duplicated as make_shards does it (`dc_tf/data/checks.py`, which both import), in one
+deterministic row order.
 
   folder     every image below it (`sources._walk_images`; a sub-folder names the label)
   list       `path[<TAB>label]` lines (`sources.parse_list_line`)

@@ -94,11 +94,15 @@ def test_one_folder_spelled_four_ways_has_one_digest(photos, tmp_path, monkeypat
 
 def test_a_finished_shard_beyond_the_runs_count_is_named_gap_or_not(tmp_path):
   """Indices are compared, not the sorted list's length: a gap hides nothing."""
-  for name in ("shard-00000.json", "shard-00003.json", "shard-00001.json.tmp-5"):
-    (tmp_path / name).write_text("{}")
-  with pytest.raises(UserError, match="shard-00003.json is beyond this run's 2 shards"):
-    features.check_no_stale_shards(str(tmp_path), 2)
-  features.check_no_stale_shards(str(tmp_path), 4)
+  for left, stale in (((0, 1, 2), 2), ((0, 3), 3)):   # a leftover shard 2, and a gap
+    out = tmp_path / str(stale)
+    out.mkdir()
+    for i in left:
+      (out / f"shard-{i:05d}.json").write_text("{}")
+    (out / "shard-00001.json.tmp-5").write_text("{}")   # a write that died: not a shard
+    with pytest.raises(UserError, match=f"shard-{stale:05d}.json is beyond this run's 2 shards"):
+      features.check_no_stale_shards(str(out), 2)
+    features.check_no_stale_shards(str(out), stale + 1)
 
 
 def test_the_model_of_a_features_folder_is_found_from_anywhere(tmp_path, monkeypatch):
