@@ -27,9 +27,11 @@ import numpy as np
 from dc_tf.config import UserError
 
 
-def search(features_dir: str, query: bytes, n: int = 10, layer: str = "", space: str = ""):
+def search(features_dir: str, query: bytes, n: int = 10, layer: str = "", space: str = "",
+           trust: bool = False):
   """[(rank, score, row)] of the n rows nearest `query`'s bytes in `space` (default
-  space.DEFAULT_SPACE), best first."""
+  space.DEFAULT_SPACE), best first. The model embed.json names is checked before it loads
+  (`export.check_model`; `trust` loads one it refuses)."""
   from dc_tf.data import make_shards
   from dc_tf.embed import clusters, features, space as spaces
   name = spaces.check_name(space or spaces.DEFAULT_SPACE)
@@ -40,7 +42,7 @@ def search(features_dir: str, query: bytes, n: int = 10, layer: str = "", space:
   model_dir = manifest["model"]
   if not os.path.isabs(model_dir) and not os.path.exists(model_dir):
     model_dir = os.path.join(features_dir, model_dir)
-  model = features.Model(model_dir)
+  model = features.Model(model_dir, trust=trust)
   if model.sha256 != manifest["model_sha256"]:
     raise UserError(f"the export at {model_dir} is not the one {features_dir} was embedded "
                     f"with (sha256 {model.sha256[:12]}..., embed.json says "
@@ -61,7 +63,7 @@ def main(argv):
     raise UserError(f"--query not found: {f.query}")
   with open(f.query, "rb") as fh:
     query = fh.read()
-  for rank, score, row in search(f.features, query, f.n, f.layer, f.space):
+  for rank, score, row in search(f.features, query, f.n, f.layer, f.space, f.trust_model):
     print(f"{rank:3d}  {score:.4f}  {row.image_id}  {row.path}")
 
 
@@ -76,4 +78,6 @@ if __name__ == "__main__":
                       "probe_fc7, else the first).")
   flags.DEFINE_string("space", "", "raw | centred_l2 | pca_l2 (default pca_l2): the space the "
                       "query and the rows are compared in (dc_tf/embed/space.py).")
+  flags.DEFINE_bool("trust_model", False, "Load the model embed.json names even if its model "
+                    "card is missing or does not match, or it holds ops our exports do not.")
   cli.run(main)

@@ -28,6 +28,8 @@ def define_flags():
                     "auto: a folder, a .tfrecord glob, else a path[<TAB>label] list; "
                     "yfcc_list: YFCC100M's photo_id<TAB>path image list.")
   flags.DEFINE_string("model", None, "Export dir or run dir.", required=True)
+  flags.DEFINE_bool("trust_model", False, "Load the model even if its model card is missing "
+                    "or does not match, or it holds ops our exports do not (issue 37).")
   flags.DEFINE_string("output", None, "Output folder.", required=True)
   flags.DEFINE_list("layers", [], "Export outputs to write (default: every probe_<layer>).")
   flags.DEFINE_integer("shard_size", 1024, "Rows per output shard.")
@@ -58,7 +60,7 @@ def main(argv):
   opts = features.EmbedOptions(
       input=FLAGS.input, model=FLAGS.model, output=FLAGS.output, layers=tuple(FLAGS.layers),
       shard_size=FLAGS.shard_size, batch_size=FLAGS.batch_size, dedupe=FLAGS.dedupe,
-      input_format=FLAGS.input_format).validate()
+      input_format=FLAGS.input_format, trust_model=FLAGS.trust_model).validate()
   if FLAGS.runner:
     from dc_tf.embed import on_beam
     import shlex

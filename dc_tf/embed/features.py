@@ -59,6 +59,7 @@ class EmbedOptions:
   dedupe: bool = True
   input_format: str = "auto"       # inputs.INPUT_FORMATS
   input_as_given: str = ""         # --input as typed (set by validate): old shards' digests
+  trust_model: bool = False        # --trust_model: load a model export.check_model refuses
 
   def validate(self) -> "EmbedOptions":
     """These options with --input resolved (`inputs.resolve`): call it once, at the edge."""
@@ -102,12 +103,14 @@ def serving_dir(model: str, output: str) -> str:
 
 
 class Model:
-  """The export's `serving_default` (JPEG bytes -> features), as the export serves it."""
+  """The export's `serving_default` (JPEG bytes -> features), as the export serves it;
+  `export.load` refuses an unscanned or unvouched model unless `trust` (issue 37)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, trust: bool = False):
     self.path = path
+    self.trust = trust
     self.sha256 = export._dir_sha256(path)  # noqa: SLF001 - the card's own checksum
-    self._fn = export.load(path).signatures["serving_default"]
+    self._fn = export.load(path, trust=trust).signatures["serving_default"]
     self.outputs = sorted(self._fn.structured_outputs)
 
   def layers(self, wanted) -> tuple[str, ...]:
@@ -286,7 +289,7 @@ def prepare(opts: EmbedOptions):
   """(model, layers, shards of rows, dropped, images in, finished shard indices, metas)."""
   opts = opts.validate()
   os.makedirs(opts.output, exist_ok=True)
-  model = Model(_absolute(serving_dir(opts.model, opts.output)))
+  model = Model(_absolute(serving_dir(opts.model, opts.output)), trust=opts.trust_model)
   layers = model.layers(opts.layers)
   rows, dropped, images_in = inputs.plan(opts.input, opts.dedupe, opts.input_format)
   if not rows:

@@ -31,12 +31,13 @@ from dc_tf.embed import features, inputs
 class ServingHandler(base.ModelHandler):
   """JPEG bytes -> {layer: float32 vector} through the export's `serving_default`."""
 
-  def __init__(self, path: str, layers: Sequence[str], batch_size: int):
+  def __init__(self, path: str, layers: Sequence[str], batch_size: int, trust: bool = False):
     super().__init__()
     self._path, self._layers, self._batch = path, tuple(layers), batch_size
+    self._trust = trust
 
   def load_model(self) -> features.Model:
-    return features.Model(self._path)
+    return features.Model(self._path, trust=self._trust)
 
   def run_inference(self, batch: Sequence[bytes], model: features.Model,
                     inference_args: dict[str, Any] | None = None) -> Iterable[base.PredictionResult]:
@@ -97,7 +98,8 @@ def run(opts: features.EmbedOptions, beam_args: Sequence[str]) -> dict:
   options = PipelineOptions(list(beam_args))
   runner = options.view_as(StandardOptions).runner or "DirectRunner"
   if todo:
-    handler = base.KeyedModelHandler(ServingHandler(model.path, layers, opts.batch_size))
+    handler = base.KeyedModelHandler(
+        ServingHandler(model.path, layers, opts.batch_size, model.trust))
     with beam.Pipeline(runner=checks.pipeline_runner(options), options=options) as p:
       _ = (p | "Rows by file" >> beam.Create(by_file(todo), reshuffle=True)
            | "Read" >> beam.FlatMap(_read)

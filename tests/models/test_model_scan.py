@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import keras
 import pytest
 import tensorflow as tf
@@ -155,6 +157,10 @@ def test_a_missing_or_mismatched_card_is_refused_unless_trusted(tiny_export, tmp
     export.load(lone)
   assert lone in str(e.value) and "--trust_model" in str(e.value)
   assert "serving_default" in export.load(lone, trust=True).signatures
+  from dc_tf.embed import features     # what embed and neighbours load through
+  with pytest.raises(export.ExportError, match="no model_card.json"):
+    features.Model(lone)
+  assert "probe_fc7" in features.Model(lone, trust=True).outputs
   copy = tmp_path / "copy"
   shutil.copytree(tiny_export, copy)
   card = json.loads((copy / export.CARD_FILE).read_text())
@@ -189,3 +195,27 @@ def test_keras_trunk_loads_in_safe_mode_only(tiny_export, tmp_path):
     sources += [os.path.join(root, name) for name in files if name.endswith(".py")]
   offenders = [s for s in sources if os.path.exists(s) and unsafe.search(open(s).read())]
   assert offenders == []
+
+
+ENTRY_POINTS = {
+    "embed": lambda c, e, tmp: ["-m", "dc_tf.embed", f"--input={e['photos']}",
+                                f"--model={c}", f"--output={tmp / 'out'}"],
+    "neighbours": lambda c, e, tmp: ["-m", "dc_tf.neighbours", "--features=" + _names_crafted(
+        e, c, str(tmp / "out")), f"--query={e['query']}"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_commands_refuse_a_crafted_model_in_one_line(crafted, embedded, entry, tmp_path):
+  """--notrust_model (the default) also checks that each command defines the flag."""
+  d = crafted["dirs"]["WriteFile"]
+  args = ENTRY_POINTS[entry](d, embedded, tmp_path)
+  r = subprocess.run([sys.executable, *args, "--notrust_model"], cwd=REPO,
+                     capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+  assert "WriteFile" in errors[0] and d in errors[0] and "--trust_model" in errors[0]
+  assert "Traceback" not in r.stderr
+  assert not os.path.exists(crafted["written"])
