@@ -159,7 +159,9 @@ def stream(trunk, pattern: str, *, image_size: int, batch_size: int = 256,
         break
       # A replica with no batch left this round runs one image of the first and its output
       # is dropped: an empty batch made TF 2.21's CPU conv of the Sobel front fail on it
-      # ('output depth must be evenly divisible by number of groups: 2 vs 3').
+      # ('output depth must be evenly divisible by number of groups: 2 vs 3'), in the
+      # reassignment's extraction too, whenever a worker's batches did not divide evenly
+      # between its replicas.
       filler = batches[0]["image"][:1]
       images = [b["image"] for b in batches] + [filler] * (n_local - len(batches))
       for i, (batch, feats) in enumerate(zip(batches, forward(images))):
@@ -187,7 +189,8 @@ def _no_images(pattern: str, skipped: int) -> reader.DataError:
 def _run(ds, forward, n_local, pattern, endpoints, progress, max_images, postprocess,
          dtype) -> list[dict]:
   """Deals `ds`'s batches to n_local replicas in turn (a replica with none left this round
-  gets an empty batch); `forward(list of image batches)` gives each one's endpoints."""
+  runs a one-image filler whose output is dropped); `forward(list of image batches)` gives
+  each one's endpoints."""
   cols = [{k: [] for k in (*endpoints, *KEYS)} for _ in range(n_local)]
   skipped, seen = 0, 0
   bar = tqdm(unit="img", desc="extracting features", disable=not progress, leave=False)
@@ -196,8 +199,8 @@ def _run(ds, forward, n_local, pattern, endpoints, progress, max_images, postpro
     batches = [next(it, None) for _ in range(n_local)]
     if batches[0] is None:
       break
-    blank = tf.zeros([0, *batches[0]["image"].shape[1:]], batches[0]["image"].dtype)
-    feats = forward([blank if b is None else b["image"] for b in batches])
+    filler = batches[0]["image"][:1]   # its output is dropped below (see `stream`)
+    feats = forward([filler if b is None else b["image"] for b in batches])
     for i, batch in enumerate(batches):
       if batch is None:
         continue
