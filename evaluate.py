@@ -17,6 +17,8 @@ from absl import flags
 from dc_tf import cli
 
 flags.DEFINE_string("checkpoint", "runs/demo", "Training run dir, checkpoint prefix or export dir.")
+flags.DEFINE_bool("trust_model", False, "Load an export even if its model card is missing or "
+                  "does not match, or it holds ops our exports do not (issue 37).")
 flags.DEFINE_string("train_data", "data/train-*.tfrecord", "Labelled shards to fit probes on.")
 flags.DEFINE_string("test_data", "data/val-*.tfrecord", "Labelled shards to score on.")
 flags.DEFINE_string("output_dir", "", "Report folder (default CHECKPOINT/eval).")
@@ -82,7 +84,7 @@ def main(argv):
       epochs=FLAGS.probe_epochs or 100, batch_size=FLAGS.probe_batch_size,
       lr_table=FLAGS.probe_lr_table, seed=FLAGS.seed)
   with strategy.scope():
-    loaded = evaluator.load(FLAGS.checkpoint)
+    loaded = evaluator.load(FLAGS.checkpoint, trust=FLAGS.trust_model)
   output_dir = FLAGS.output_dir or os.path.join(
       FLAGS.checkpoint if os.path.isdir(FLAGS.checkpoint) else os.path.dirname(FLAGS.checkpoint),
       "eval")

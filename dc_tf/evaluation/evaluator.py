@@ -53,6 +53,7 @@ class LoadedTrunk:
   model_config: ModelConfig
   source: str
   step: int = -1
+  trust: bool = False        # --trust_model: the export's trunk.keras is loaded as trusted
 
   def __call__(self, images, training=False):
     return self.fn(images, training=False)
@@ -66,20 +67,27 @@ class _ExportedEndpoints:
     return self.module.endpoints(images)
 
 
-def load(path: str) -> LoadedTrunk:
-  """A training run dir / checkpoint, or an export dir (its trunk/ SavedModel)."""
+def load(path: str, trust: bool = False) -> LoadedTrunk:
+  """A training run dir / checkpoint, or an export dir (its trunk/ SavedModel, checked before
+  it loads by `export.check_model`: card, sha256, op scan; `trust` loads one it refuses)."""
   if not path:
     raise checkpointing.CheckpointError("no --checkpoint given (a run dir or an export dir)")
   if not tf.io.gfile.exists(path) and not tf.io.gfile.exists(path + ".index"):
     raise checkpointing.CheckpointError(f"checkpoint or export not found: {path}")
   card = os.path.join(path, "model_card.json")
-  if tf.io.gfile.exists(card):
+  trunk_dir = os.path.join(path, "trunk")
+  if tf.io.gfile.exists(card) or tf.io.gfile.exists(os.path.join(trunk_dir, "saved_model.pb")):
     from dc_tf import export as export_lib
+    if not tf.io.gfile.exists(card):
+      export_lib.check_model(trunk_dir, trust)     # refused here unless trusted
+      raise export_lib.ExportError(f"{path} has no model_card.json, which holds the model "
+                                   "config the trunk needs to be evaluated")
     with tf.io.gfile.GFile(card) as f:
       info = json.load(f)
-    module = export_lib.load(os.path.join(path, "trunk"))
+    module = export_lib.load(trunk_dir, trust=trust)
     model_cfg = ModelConfig(**{k: v for k, v in info["config"].get("model", {}).items()})
-    return LoadedTrunk(_ExportedEndpoints(module), model_cfg, path, info.get("step", -1))
+    return LoadedTrunk(_ExportedEndpoints(module), model_cfg, path, info.get("step", -1),
+                       trust)
   run_dir = path if tf.io.gfile.isdir(path) else os.path.dirname(os.path.dirname(path))
   config = checkpointing.read_config(run_dir)
   trunk = vgg.trunk_from_config(config.model)

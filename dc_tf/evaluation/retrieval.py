@@ -68,7 +68,7 @@ def keras_trunk(trunk) -> keras.Model:
   source = getattr(trunk, "source", "")
   from dc_tf import export as export_lib
   if source and os.path.isfile(os.path.join(source, export_lib.KERAS_FILE)):
-    return export_lib.load_keras(source)
+    return export_lib.load_keras(source, trust=getattr(trunk, "trust", False))
   raise RetrievalError(
       "retrieval runs the trunk fully convolutionally at any image size, which the trunk/ "
       f"SavedModel of {source or trunk!r} cannot (it is traced at its training size) and no "

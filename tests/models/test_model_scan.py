@@ -161,6 +161,12 @@ def test_a_missing_or_mismatched_card_is_refused_unless_trusted(tiny_export, tmp
   with pytest.raises(export.ExportError, match="no model_card.json"):
     features.Model(lone)
   assert "probe_fc7" in features.Model(lone, trust=True).outputs
+  from dc_tf.evaluation import evaluator   # evaluate.py: an export dir without its card
+  shutil.copytree(os.path.join(tiny_export, "trunk"), tmp_path / "lone" / "trunk")
+  with pytest.raises(export.ExportError, match="no model_card.json.*--trust_model"):
+    evaluator.load(str(tmp_path / "lone"))
+  with pytest.raises(export.ExportError, match="holds the model config"):
+    evaluator.load(str(tmp_path / "lone"), trust=True)
   copy = tmp_path / "copy"
   shutil.copytree(tiny_export, copy)
   card = json.loads((copy / export.CARD_FILE).read_text())
@@ -198,6 +204,8 @@ def test_keras_trunk_loads_in_safe_mode_only(tiny_export, tmp_path):
 
 
 ENTRY_POINTS = {
+    "evaluate": lambda c, e, tmp: [os.path.join(REPO, "evaluate.py"), f"--checkpoint={c}",
+                                   f"--output_dir={tmp / 'eval'}"],
     "embed": lambda c, e, tmp: ["-m", "dc_tf.embed", f"--input={e['photos']}",
                                 f"--model={c}", f"--output={tmp / 'out'}"],
     "neighbours": lambda c, e, tmp: ["-m", "dc_tf.neighbours", "--features=" + _names_crafted(
