@@ -28,6 +28,8 @@ _F, _M = FinetuneConfig(), FinetuneConfig().model
 
 def define_flags() -> None:
   flags.DEFINE_string("from", None, "Run dir, export dir, trunk.keras, or 'random'.")
+  flags.DEFINE_bool("trust_model", False, "Load --from's trunk.keras even if the model card "
+                    "beside it does not match it (issue 37).")
   flags.DEFINE_string("output_dir", None, "Checkpoints, log.jsonl, TensorBoard.")
   flags.DEFINE_string("train_pattern", None, "Labelled training shards (glob, gs:// ok).")
   flags.DEFINE_string("val_pattern", None, "Labelled validation shards.")
@@ -87,7 +89,7 @@ def config_from_flags() -> FinetuneConfig:
       steps_per_loop=f.steps_per_loop, checkpoint_every=f.checkpoint_every,
       keep_checkpoints=f.keep_checkpoints, cpu_replicas=f.cpu_replicas,
       mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
-      max_steps=f.max_steps).validate()
+      max_steps=f.max_steps, trust_model=f.trust_model).validate()
 
 
 def main(argv):

@@ -30,6 +30,8 @@ class FinetuneConfig:
     num_classes: 0 = 1 + the largest train label.
     seed: init of the new layers, data order and augmentation.
     max_steps: stop (resumably) at this global step; 0 = run to the end (a testing aid).
+    trust_model: load an export's trunk.keras whose model card does not match it
+      (`export.check_model`, issue 37).
   """
   source: str = ""
   output_dir: str = ""
@@ -56,6 +58,7 @@ class FinetuneConfig:
   mixed_precision: bool = False
   jit_compile: bool = False
   max_steps: int = 0
+  trust_model: bool = False
 
   def validate(self) -> "FinetuneConfig":
     checks = [

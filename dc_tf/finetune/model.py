@@ -91,9 +91,10 @@ def infer_model_config(trunk: keras.Model) -> ModelConfig:
                      fc_dim=int(trunk.get_layer("fc6_dense").units), sobel=sobel, input_pad=pad)
 
 
-def source_model_config(source: str, random_model: ModelConfig) -> ModelConfig:
+def source_model_config(source: str, random_model: ModelConfig,
+                        trust: bool = False) -> ModelConfig:
   """The architecture of --from: a run dir's config.json, an export's model card (or its
-  layers), or `random_model` for "random"."""
+  layers), or `random_model` for "random". `trust`: see `export.load_keras`."""
   from dc_tf.finetune.config import RANDOM
   from dc_tf.training import checkpointing
   if source == RANDOM:
@@ -105,21 +106,23 @@ def source_model_config(source: str, random_model: ModelConfig) -> ModelConfig:
     raise SourceError(f"--from={source}: no such run dir (config.json) or export (trunk.keras)"
                       if tf.io.gfile.exists(source) else f"--from={source}: no such file or "
                       "directory (a run dir, an export, or 'random')")
-  return _card_model_config(keras_path) or infer_model_config(_load_keras(keras_path))
+  return (_card_model_config(keras_path)
+          or infer_model_config(_load_keras(keras_path, trust)))
 
 
-def _load_keras(keras_path: str) -> keras.Model:
+def _load_keras(keras_path: str, trust: bool = False) -> keras.Model:
   from dc_tf import export
-  return export.load_keras(keras_path)
+  return export.load_keras(keras_path, trust=trust)
 
 
-def load_source_weights(trunk: keras.Model, source: str, model_config: ModelConfig) -> int:
+def load_source_weights(trunk: keras.Model, source: str, model_config: ModelConfig,
+                        trust: bool = False) -> int:
   """Fills `trunk` from --from (a run's newest checkpoint, or trunk.keras layer by layer);
   returns the source's step (-1 for an export)."""
   from dc_tf.training import checkpointing
   if tf.io.gfile.exists(os.path.join(source, "config.json")):
     return checkpointing.restore_trunk(trunk, source, model_config)
-  saved = _load_keras(_keras_file(source))
+  saved = _load_keras(_keras_file(source), trust)
   for layer in trunk.layers:
     if layer.weights:
       try:
@@ -182,7 +185,8 @@ def build_classifier(trunk: keras.Model, num_classes: int, seed: int) -> keras.M
 
 def build_network(model_config: ModelConfig, *, dropout: float, sobel2rgb: bool,
                   num_classes: int, seed: int, mixed_precision: bool = False,
-                  source: str | None = None) -> tuple[keras.Model, keras.Model]:
+                  source: str | None = None,
+                  trust: bool = False) -> tuple[keras.Model, keras.Model]:
   """(classifier, trunk): the trunk of `model_config` with `dropout` after fc6, filled from
   `source` when one is given (None: random init, or a resume that restores it all), its Sobel
   front converted (`sobel2rgb`), fc6/fc7 re-initialised, and the classifier on top."""
@@ -191,7 +195,7 @@ def build_network(model_config: ModelConfig, *, dropout: float, sobel2rgb: bool,
   with dtype_policy(mixed_precision):
     trunk = vgg.trunk_from_config(model_config)
     if source is not None:
-      load_source_weights(trunk, source, model_config)
+      load_source_weights(trunk, source, model_config, trust)
     if model_config.sobel and sobel2rgb:
       if model_config.pad != 2:
         raise UserError(

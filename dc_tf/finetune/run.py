@@ -61,7 +61,8 @@ class Finetuner:
                       "replicas")
     self.per_replica = c.global_batch // replicas
     self.is_chief = dist.is_chief(strategy)
-    self.model_config = model_lib.source_model_config(c.source, c.model)   # a bad --from first
+    self.model_config = model_lib.source_model_config(  # a bad --from first
+        c.source, c.model, trust=c.trust_model)
     ckpt_dir = os.path.join(c.output_dir, "ckpt")
     latest = tf.train.latest_checkpoint(ckpt_dir) if tf.io.gfile.isdir(ckpt_dir) else None
     state = self._read_state() if latest else {}
@@ -87,7 +88,7 @@ class Finetuner:
       self.model, self.trunk = model_lib.build_network(
           self.model_config, dropout=c.dropout, sobel2rgb=c.sobel2rgb,
           num_classes=self.num_classes, seed=c.seed, mixed_precision=c.mixed_precision,
-          source=None if latest or c.source == RANDOM else c.source)
+          source=None if latest or c.source == RANDOM else c.source, trust=c.trust_model)
       self.variables = self.model.trainable_variables
       self.optimizer = optim.SGD(self.variables, c.lr, c.momentum, c.weight_decay)
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")

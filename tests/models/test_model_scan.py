@@ -182,6 +182,24 @@ def test_a_missing_or_mismatched_card_is_refused_unless_trusted(tiny_export, tmp
     export.load(str(copy))
 
 
+def test_finetune_source_with_a_mismatched_card_is_refused_unless_trusted(tiny_export, tmp_path):
+  from dc_tf.config import ModelConfig
+  from dc_tf.finetune import model as model_lib
+  from dc_tf.models import vgg
+  shutil.copytree(tiny_export, tmp_path / "x", ignore=shutil.ignore_patterns("serving", "trunk"))
+  card = json.loads((tmp_path / "x" / export.CARD_FILE).read_text())
+  card["sha256"][export.KERAS_FILE] = "0" * 64
+  (tmp_path / "x" / export.CARD_FILE).write_text(json.dumps(card))
+  config = ModelConfig(image_size=32, width=0.125, fc_dim=32)
+  trunk = vgg.trunk_from_config(config)
+  with pytest.raises(export.ExportError, match="checksum mismatch.*--trust_model"):
+    model_lib.load_source_weights(trunk, str(tmp_path / "x"), config)
+  assert model_lib.load_source_weights(trunk, str(tmp_path / "x"), config, trust=True) == -1
+  saved = keras.saving.load_model(os.path.join(tiny_export, export.KERAS_FILE))
+  assert (trunk.get_layer("conv7_conv").kernel.numpy()
+          == saved.get_layer("conv7_conv").kernel.numpy()).all()
+
+
 def test_keras_trunk_loads_in_safe_mode_only(tiny_export, tmp_path):
   # A Lambda layer, with a card whose sha256 matches: safe mode refuses its code.
   inputs = keras.Input([4])
