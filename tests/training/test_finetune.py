@@ -142,6 +142,23 @@ def test_resume_ends_on_the_uninterrupted_weights(tiny_shards, tmp_path):
   assert len(log) == 1 and '"val_top5"' in log[0]    # epoch 0 ended; epoch 1 did not
 
 
+def test_two_replicas_train_as_one(tiny_shards, tmp_path):
+  """The cross-replica semantics (run.py's docstring): each replica's summed cross-entropy
+  over the global batch, gradients summed, synchronised BN, one input pipeline whose batches
+  the replicas take in turn: two replicas of 6 make the update of one replica of 12."""
+  from conftest import cpu_strategy
+  models = []
+  for name, strategy in (("one", tf.distribute.get_strategy()), ("two", cpu_strategy(2))):
+    f = run.Finetuner(tiny_config(tiny_shards, tmp_path / name, max_steps=2, dropout=0.0),
+                      strategy)
+    assert f.per_replica == 12 // strategy.num_replicas_in_sync
+    f.fit()
+    models.append(f.model)
+  for a, b in zip(*(m.weights for m in models)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                               err_msg=a.path)
+
+
 # Measured (tiny shards, RGB trunk, 12 steps at the recipe's lr 0.1, trunk pre-trained with
 # labels for 30 steps at lr 0.05): random minus trained val cross-entropy 0.665 / 0.613 / 0.642
 # and trained minus random val top-1 +41.7 / +41.7 / +41.7 points for seeds 0 / 1 / 2. The
