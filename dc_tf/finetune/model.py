@@ -20,8 +20,9 @@ indices over `conv_old.kernel_size[0]` = 3 (l.166-167), so it writes only the ta
 of the 5x5 kernel and leaves the other 16 at Conv2d's random init: its converted front is not
 the Sobel front + conv1 it replaces. Ours is (tests/training/test_finetune.py).
 
-Relation to `dc_tf.models.vgg.fold_sobel`: the same 5x5 kernel (taken from it), over the
-image padded by 3. fold_sobel also adds a frozen `SobelBorderCorrection` built from the
+Relation to `dc_tf.models.vgg.fold_sobel`: the same 5x5 kernel, over the image padded by 3
+(computed here: building fold_sobel's model only to read it fails under --mixed_precision, its
+custom layer does not take the policy). fold_sobel also adds a frozen `SobelBorderCorrection` built from the
 initial conv1, which would go stale once conv1 trains; with the 2-pixel Sobel pad it is
 identically zero (the Sobel map of a 3-padded image is zero on its outer ring, exactly the
 zeros conv1's own pad adds), so it is left out here and the converted front is a plain
@@ -133,13 +134,30 @@ def load_source_weights(trunk: keras.Model, source: str, model_config: ModelConf
   return -1
 
 
+def sobel_rgb_kernel(conv1_kernel: np.ndarray) -> np.ndarray:
+  """conv1 [3, 3, 2, C] after gray (1/3 each of RGB) and Sobel [Gx, Gy] (3x3, no bias) as one
+  [5, 5, 3, C] kernel: cross-correlations compose as y[p] = sum_a k1[a] sum_u G[u] g[p + a + u],
+  so tap a + u gets G[u] k1[a] (the original's `computeweight`/`aux`, every tap)."""
+  gray_k, sobel_k = vgg.sobel_kernels()
+  k5 = np.zeros([5, 5, 1, conv1_kernel.shape[-1]], np.float64)
+  for a in range(3):
+    for b in range(3):
+      k5[a:a + 3, b:b + 3, 0, :] += np.einsum("uvk,kc->uvc", sobel_k[:, :, 0, :],
+                                              conv1_kernel[a, b])
+  return (np.repeat(k5, 3, axis=2) * gray_k[0, 0, 0, 0]).astype(np.float32)
+
+
 def sobel_to_rgb(trunk: keras.Model) -> keras.Model:
   """The trunk with its frozen Sobel front and conv1 merged into one trainable 5x5 conv over
   the RGB image padded by 3 (the original's `sobel2RGB`, all 25 taps: module docstring).
   Layers after conv1 are shared with `trunk`; outputs are the same named endpoints."""
   image_size = int(trunk.input_shape[1])
-  folded = vgg.fold_sobel(trunk)              # refuses a trunk without a 2-pixel Sobel front
-  k5, b1 = folded.get_layer("conv1_conv_folded").get_weights()
+  names = [l.name for l in trunk.layers]
+  if "sobel_filter" not in names or trunk.get_layer("sobel_filter").output.shape[1] != (
+      image_size + 2):
+    raise UserError("sobel2rgb: the trunk has no Sobel front padded by 2 pixels")
+  k1, b1 = trunk.get_layer("conv1_conv").get_weights()
+  k5 = sobel_rgb_kernel(k1)
   inputs = keras.Input([image_size, image_size, 3], name="images")
   # ConstantPad2d(2) kept (model_factory.py l.84-86) + the new conv's padding=1 (l.165).
   x = keras.layers.ZeroPadding2D(3, name="sobel2rgb_pad")(inputs)

@@ -76,6 +76,12 @@ def test_sobel_front_becomes_an_equal_trainable_5x5_conv1():
   for name in ("conv1", "conv13", "fc7"):
     scale = np.abs(before[name]).max()
     np.testing.assert_allclose(after[name], before[name], rtol=0, atol=2e-5 * scale)
+  # vgg.fold_sobel folds the same kernel; its frozen border term is zero for the 2-pixel pad
+  # (why sobel_to_rgb leaves it out).
+  folded = vgg.fold_sobel(trunk)
+  np.testing.assert_allclose(conv.get_weights()[0],
+                             folded.get_layer("conv1_conv_folded").get_weights()[0], atol=1e-6)
+  assert np.abs(folded.get_layer("conv1_border_correction")(images)).max() == 0.0
   # All 25 taps matter: the 9 that the original's loop writes (model_factory.py l.166-167,
   # range(conv_old.kernel_size[0]) = range(3)) alone give another front.
   k5, bias = conv.get_weights()
