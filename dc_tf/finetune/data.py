@@ -67,8 +67,9 @@ def _labelled(files, input_context) -> tf.data.Dataset:
   shards = tf.data.Dataset.from_tensor_slices(list(files))
   if input_context is not None and input_context.num_input_pipelines > 1:
     if len(files) < input_context.num_input_pipelines:
-      raise reader.DataError(f"{len(files)} shard files cannot be split between "
-                             f"{input_context.num_input_pipelines} workers")
+      raise reader.DataError(f"{len(files)} shard file(s) ({files[0]}, ...) cannot be split "
+                             f"between {input_context.num_input_pipelines} workers: write at "
+                             "least one shard per worker")
     shards = shards.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
   ds = shards.flat_map(lambda f: tf.data.TFRecordDataset(f).map(
       lambda r: decoder.parse_record(r, f)))
