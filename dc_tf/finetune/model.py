@@ -22,8 +22,8 @@ the Sobel front + conv1 it replaces. Ours is (tests/training/test_finetune.py).
 
 Relation to `dc_tf.models.vgg.fold_sobel`: the same 5x5 kernel, over the image padded by 3
 (computed here: building fold_sobel's model only to read it fails under --mixed_precision, its
-custom layer does not take the policy). fold_sobel also adds a frozen `SobelBorderCorrection` built from the
-initial conv1, which would go stale once conv1 trains; with the 2-pixel Sobel pad it is
+custom layer does not take the policy). fold_sobel also adds a frozen `SobelBorderCorrection`
+built from the initial conv1, which would go stale once conv1 trains; with the 2-pixel pad it is
 identically zero (the Sobel map of a 3-padded image is zero on its outer ring, exactly the
 zeros conv1's own pad adds), so it is left out here and the converted front is a plain
 trainable conv, as the original's.
