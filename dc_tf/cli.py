@@ -87,6 +87,9 @@ def define_train_flags() -> None:
   flags.DEFINE_integer("steps_per_loop", _T.steps_per_loop, "Train steps per tf.function call.")
   flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints.")
   flags.DEFINE_integer("keep_checkpoints", _T.keep_checkpoints, "Checkpoints kept.")
+  flags.DEFINE_integer("keep_assignments", _T.keep_assignments,
+                       "Assignment tables kept under MODEL_DIR/assignments, one per "
+                       "reassignment (python -m dc_tf.analysis reads them); 0 = all.")
   flags.DEFINE_integer("seed", _T.seed, "Seed for sampling, augmentation and clustering.")
   flags.DEFINE_bool("mixed_precision", _T.mixed_precision, "Trunk in mixed bfloat16 (GPU/TPU); float32 variables, heads and loss.")
   flags.DEFINE_bool("jit_compile", _T.jit_compile, "XLA-compile the forward and backward pass (GPU; see benchmarks/train_step.py for CPU).")
@@ -144,7 +147,8 @@ def config_from_flags() -> ExperimentConfig:
                         rotnet_warmup_epochs=f.rotnet_warmup_epochs,
                         cpu_replicas=f.cpu_replicas, steps_per_loop=f.steps_per_loop,
                         checkpoint_every=f.checkpoint_every,
-                        keep_checkpoints=f.keep_checkpoints, seed=f.seed,
+                        keep_checkpoints=f.keep_checkpoints,
+                        keep_assignments=f.keep_assignments, seed=f.seed,
                         mixed_precision=f.mixed_precision, jit_compile=f.jit_compile,
                         init_checkpoint=f.init_checkpoint,
                         require_init_checkpoint=f.require_init_checkpoint, export_dir=f.export_dir,

@@ -104,6 +104,8 @@ class TrainConfig:
   steps_per_loop: int = 10
   checkpoint_every: int = 200         # steps; also at every epoch end
   keep_checkpoints: int = 3
+  keep_assignments: int = 0           # assignment tables kept under MODEL_DIR/assignments
+                                      # (one per reassignment, for the cluster analyses); 0 = all
   seed: int = 0
   mixed_precision: bool = False
   jit_compile: bool = False
@@ -171,6 +173,7 @@ class ExperimentConfig:
         (t.schedule in ("constant", "cosine"), f"--schedule: {t.schedule!r}"),
         (t.cpu_replicas >= 0, f"--cpu_replicas must be >= 0, got {t.cpu_replicas}"),
         (t.steps_per_loop >= 1, "--steps_per_loop must be >= 1"),
+        (t.keep_assignments >= 0, f"--keep_assignments must be >= 0, got {t.keep_assignments}"),
         (0 < d.crop_scale_min <= 1, "--crop_scale_min must be in (0, 1]"),
     ]
     for ok, message in checks:

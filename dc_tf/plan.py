@@ -310,9 +310,19 @@ def reassignment_plan(config: ExperimentConfig, num_replicas: int, replicas_per_
           "host_gb": host_gb, "whitening_on_host_seconds": phases["whitening"]["flops"] * g
                                                            / HOST_FLOPS}
   plan["run_seconds"] = plan["seconds"] * reassignments
+  plan.update(assignment_history(num_images, reassignments, t.keep_assignments))
   plan["recommendations"] = (_recommend(config, plan, num_images)
                              if config.uses_clustering and host["total"] > host_gb * GB else [])
   return plan
+
+
+def assignment_history(num_images: int, reassignments: int, keep: int) -> dict:
+  """Disk the run's assignment history takes (`checkpointing.save_assignments`): int32 per
+  image a table, the int64 ids once; the newest `keep` tables of the run's (0 = all)."""
+  kept = min(keep, reassignments) if keep else reassignments
+  table, ids = 4 * num_images, 8 * num_images
+  return {"assignment_table_bytes": table, "assignment_tables_kept": kept,
+          "assignment_history_bytes": kept * table + (ids if kept else 0)}
 
 
 def _recommend(config: ExperimentConfig, plan: dict, num_images: int) -> list[str]:
@@ -381,6 +391,10 @@ def format_reassignment(plan: dict) -> str:
                 f"{plan['host_bytes_per_worker'] / 1e12:.2f} TB host memory for clustering",
             f"one reassignment: {plan['seconds']:,.0f} s ({plan['seconds'] / 60:.1f} min); "
             f"x {plan['reassignments']} reassignments a run = {plan['run_seconds'] / 3600:.1f} h",
+            f"assignment history (MODEL_DIR/assignments, the chief's disk): "
+            f"{plan['assignment_table_bytes'] / GB:,.2f} GB a table, "
+            f"{plan['assignment_tables_kept']} kept (--keep_assignments) = "
+            f"{plan['assignment_history_bytes'] / GB:,.2f} GB with the ids",
             f"whitening on the host instead of the device: "
             f"{plan['whitening_on_host_seconds'] / 3600:,.1f} h a reassignment at "
             f"{HOST_FLOPS / 1e12:.0f} TFLOP/s"]

@@ -206,6 +206,20 @@ def test_reassignment_counts_are_the_designs_formulas():
   assert half["phases"]["super_clusters"]["flops"] == 2 * (it + 1) * n * m * q
 
 
+def test_the_plan_counts_the_assignment_history():
+  """One int32 a pool image per kept table plus the int64 ids once: epochs 1 and 4 of 7 are
+  the 2 reassignments; --keep_assignments=1 keeps the newest only, 0 all."""
+  for keep, kept in ((0, 2), (1, 1), (5, 2)):
+    cfg = tiny_clustering_config().replace(train={"keep_assignments": keep})
+    p = plan.reassignment_plan(cfg, 4, 2, 250)
+    assert (p["assignment_table_bytes"], p["assignment_tables_kept"],
+            p["assignment_history_bytes"]) == (250 * 4, kept, kept * 250 * 4 + 250 * 8)
+  text = plan.format_reassignment(plan.reassignment_plan(paper_config(), 64, 8, 96_000_000))
+  n, kept = 96_000_000, 34                                  # epochs 0, 3, ..., 99
+  assert (f"{4 * n / 1e9:,.2f} GB a table, {kept} kept (--keep_assignments) = "
+          f"{(kept * 4 * n + 8 * n) / 1e9:,.2f} GB with the ids") in text
+
+
 def seconds_of(p):
   return [phase["seconds"] for phase in p["phases"].values()]
 

@@ -8,6 +8,13 @@
                              written by that worker (no replica holds all heads, so no
                              single file does); names carry the head and columns, so a run
                              on another replica count re-cuts them (`restore_pieces`)
+  MODEL_DIR/assignments/ids.npy
+                             int64 image ids, in the order of every table's rows (written
+                             once; a table whose ids differ has its own ids-<epoch>.npy)
+  MODEL_DIR/assignments/table-<epoch>.npy
+                             int32 cluster per row (super * k + sub) of the reassignment at
+                             that epoch; the newest --keep_assignments kept (0 = all). Written
+                             by the chief, atomically; read by `python -m dc_tf.analysis`
   MODEL_DIR/tb/              TensorBoard summaries
   MODEL_DIR/log.jsonl        one JSON line per epoch / reassignment
 """
@@ -25,6 +32,7 @@ from dc_tf.models import vgg
 from dc_tf.placement import Piece
 
 SUBHEADS = "subheads"
+ASSIGNMENTS = "assignments"
 PIECE_FIELDS = ("kernel", "bias", "kernel_momentum", "bias_momentum")
 
 
@@ -191,3 +199,64 @@ def restore_pieces(model_dir: str, step: int, pieces: dict[str, dict], num_repli
         columns.append(value[..., at - p.start:min(p.stop, want.stop) - p.start])
         at = min(p.stop, want.stop)
       var.assign(np.concatenate(columns, axis=-1))
+
+
+# --- the assignment history (issue 38: what the clusters capture over training) -----------
+def _save_npy(path: str, array: np.ndarray) -> None:
+  """Writes then renames: a reader (or a crash) never sees half a table."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    np.save(f, array)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _load_npy(path: str) -> np.ndarray:
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return np.load(f)
+
+
+def assignment_epochs(model_dir: str) -> list[int]:
+  """Epochs of the tables kept under MODEL_DIR/assignments, oldest first."""
+  folder = os.path.join(model_dir, ASSIGNMENTS)
+  if not tf.io.gfile.isdir(folder):
+    return []
+  return sorted(int(m.group(1)) for f in tf.io.gfile.listdir(folder)
+                if (m := re.match(r"table-(\d+)\.npy$", f)))
+
+
+def save_assignments(model_dir: str, epoch: int, image_ids: np.ndarray, labels: np.ndarray,
+                     keep: int = 0) -> list[int]:
+  """Keeps one reassignment's table (`labels[i]` the cluster of `image_ids[i]`, the flat
+  super * k + sub) as table-<epoch>.npy; drops the oldest beyond `keep` (0 = keep all).
+  Returns the epochs kept. The chief alone calls it."""
+  folder = os.path.join(model_dir, ASSIGNMENTS)
+  tf.io.gfile.makedirs(folder)
+  image_ids = np.asarray(image_ids, np.int64)
+  shared = os.path.join(folder, "ids.npy")
+  if not tf.io.gfile.exists(shared):
+    _save_npy(shared, image_ids)
+  elif not np.array_equal(_load_npy(shared), image_ids):   # records dropped or added
+    _save_npy(os.path.join(folder, f"ids-{epoch}.npy"), image_ids)
+  _save_npy(os.path.join(folder, f"table-{epoch}.npy"), np.asarray(labels, np.int32))
+  epochs = assignment_epochs(model_dir)
+  for old in epochs[:-keep] if keep else []:
+    for name in (f"table-{old}.npy", f"ids-{old}.npy"):
+      if tf.io.gfile.exists(os.path.join(folder, name)):
+        tf.io.gfile.remove(os.path.join(folder, name))
+  return assignment_epochs(model_dir)
+
+
+def load_assignments(model_dir: str, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image ids int64, cluster int32) of the table kept at `epoch`."""
+  folder = os.path.join(model_dir, ASSIGNMENTS)
+  path = os.path.join(folder, f"table-{epoch}.npy")
+  if not tf.io.gfile.exists(path):
+    kept = assignment_epochs(model_dir)
+    raise CheckpointError(f"no assignment table of epoch {epoch} in {folder} (kept: "
+                          f"{kept or 'none; a run from before --keep_assignments keeps none'})")
+  own = os.path.join(folder, f"ids-{epoch}.npy")
+  ids = _load_npy(own if tf.io.gfile.exists(own) else os.path.join(folder, "ids.npy"))
+  labels = _load_npy(path)
+  if len(ids) != len(labels):
+    raise CheckpointError(f"{path} has {len(labels)} rows, its ids {len(ids)}")
+  return ids, labels

@@ -20,6 +20,7 @@ from dc_tf import distribute as dist
 from dc_tf.clustering import extract, hierarchy
 from dc_tf.clustering import replicas as replicas_lib
 from dc_tf.data import reader
+from dc_tf.training import checkpointing
 
 if TYPE_CHECKING:   # the trainer imports this module: the type only, no import circle
   from dc_tf.training.trainer import Trainer
@@ -61,6 +62,7 @@ def reassign(run: Trainer, epoch: int) -> dict:
     reinitialize_heads(run, epoch)
   labels = assignment.flat_labels
   sizes = np.bincount(labels)
+  kept = keep_table(run, epoch)
   stats = {"event": "reassign", "epoch": epoch, "images": int(len(labels)),
            "seconds": round(time.time() - t0, 2), "empty_resplit": assignment.resplit,
            "nonempty_clusters": int((sizes > 0).sum()),
@@ -69,6 +71,8 @@ def reassign(run: Trainer, epoch: int) -> dict:
            "host_to_device_bytes": traffic.to_device,
            "device_to_host_bytes": traffic.from_device,
            "cross_replica_bytes": traffic.cross_replica}
+  if kept is not None:
+    stats["assignment_tables"] = kept
   if stats["largest_cluster_share"] > COLLAPSE_SHARE:
     logging.warning("collapse alarm: one cluster holds %.0f%% of the images (> %.0f%%): "
                     "features may be collapsing (lower --lr, check the data)",
@@ -85,6 +89,20 @@ def reassign(run: Trainer, epoch: int) -> dict:
       if key in stats:
         tf.summary.scalar(f"clusters/{key}", stats[key])
   return stats
+
+
+def keep_table(run: Trainer, epoch: int) -> list[int] | None:
+  """The chief keeps the run's current table as MODEL_DIR/assignments/table-<epoch>.npy
+  (`checkpointing.save_assignments`); returns the epochs kept, None on other workers. The
+  labels are super * k + sub with the configured k, so an epoch's labels mean the same
+  cluster numbers whatever the table's largest sub-cluster."""
+  if not run.is_chief:
+    return None
+  labels = (run.table_super.numpy().astype(np.int64) * run.config.clustering.k
+            + run.table_sub.numpy())
+  return checkpointing.save_assignments(
+      run.config.train.model_dir, epoch, run.table_ids.numpy(), labels.astype(np.int32),
+      run.config.train.keep_assignments)
 
 
 def reinitialize_heads(run: Trainer, epoch: int) -> None:

@@ -183,6 +183,12 @@ class Trainer:
       if len(self.table_ids.numpy()):
         self.previous_labels = (self.table_super.numpy().astype(np.int64) * self.config.clustering.k
                                 + self.table_sub.numpy())
+        # A crash between the checkpoint and the table's file loses no table: the restored
+        # one is written if missing; kept tables are never rewritten on resume.
+        epoch = int(self.assignment_epoch.numpy())
+        if self.is_chief and epoch not in checkpointing.assignment_epochs(
+            self.config.train.model_dir):
+          reassignment.keep_table(self, epoch)
     elif self.config.train.init_checkpoint:
       step = checkpointing.restore_trunk(self.trunk, self.config.train.init_checkpoint,
                                          self.config.model)
