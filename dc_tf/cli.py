@@ -57,8 +57,10 @@ def define_train_flags() -> None:
   flags.DEFINE_enum("kmeans_init", _C.kmeans_init, ["random", "kmeans++"], "k-means seeding.")
   flags.DEFINE_integer("chunk_size", _C.chunk_size, "Rows per k-means assignment chunk.")
   flags.DEFINE_integer("fit_sample", _C.fit_sample,
-                       "Rows per worker that PCA and the centroids are fitted on (the original "
-                       "caps at 3,150,000 per process); every row is then assigned. 0 = all.")
+                       "Rows per replica (GPU) that PCA and the centroids are fitted on, as the "
+                       "original's 3,150,000 per process; chosen by a hash of the image id, the "
+                       "same rows for any workers x replicas layout of as many replicas; every "
+                       "row is then assigned. 0 = all.")
   flags.DEFINE_enum("feature_dtype", _C.feature_dtype, ["float32", "float16"],
                     "Precision of the features held in host memory for clustering.")
   # training

@@ -75,9 +75,11 @@ class ClusteringConfig:
   kmeans_iters: int = 20
   kmeans_init: str = "random"     # or "kmeans++"
   chunk_size: int = 8192          # rows per assignment chunk (never N x k at once)
-  fit_sample: int = 3_150_000     # rows per worker that PCA and centroids are fitted on
-                                  # (the original's per-process cap); 0 = all; all rows
-                                  # are then assigned
+  fit_sample: int = 3_150_000     # rows per replica (GPU) that PCA and centroids are
+                                  # fitted on, as the original's per-process cache; chosen
+                                  # globally by a hash of the image id, so any layout of
+                                  # the same replica count fits on the same rows; 0 = all;
+                                  # all rows are then assigned
   feature_dtype: str = "float32"  # or float16: the features held for clustering
   seed: int = 0
 

@@ -246,8 +246,8 @@ def reassignment_plan(config: ExperimentConfig, num_replicas: int, replicas_per_
 
   Rows are split evenly: ceil(N / workers) per worker, ceil of that / G per replica, and a
   super-cluster's members are ceil(rows / m) of a replica's (balanced clusters). The fitting
-  passes read `--fit_sample` rows per worker (split over its G replicas, as the trainer
-  passes it), PCA as many unless `--pca_sample` is set (its rows over all replicas).
+  passes read `--fit_sample` rows per replica (as the trainer passes it; the original's
+  per-process cap), PCA as many unless `--pca_sample` is set (its rows over all replicas).
   """
   _check_layout(num_replicas, replicas_per_worker)
   mo, c, t = config.model, config.clustering, config.train
@@ -260,7 +260,7 @@ def reassignment_plan(config: ExperimentConfig, num_replicas: int, replicas_per_
   fb = 2 if c.feature_dtype == "float16" else 4
   m, k = config.num_super_clusters, config.num_sub_classes
   chunk, iters = c.chunk_size, c.kmeans_iters
-  fit_per_replica = c.fit_sample // g
+  fit_per_replica = c.fit_sample
   fit = min(n, fit_per_replica) if fit_per_replica else n
   pca_per_replica = c.pca_sample // r if c.pca_sample else fit_per_replica
   pca_rows = min(n, max(1, pca_per_replica)) if pca_per_replica else n

@@ -142,13 +142,13 @@ def tiny_clustering_config(**clustering):
   return ExperimentConfig().replace(
       data={"image_size": 32}, model={"image_size": 32, "width": 0.125, "fc_dim": 32},
       clustering={"m": 2, "k": 5, "pca_dim": 8, "kmeans_iters": 3, "chunk_size": 16,
-                  "reassign_every": 3, "fit_sample": 40, **clustering},
+                  "reassign_every": 3, "fit_sample": 20, **clustering},
       train={"epochs": 7, "rotnet_warmup_epochs": 1}).validate()
 
 
 def test_reassignment_counts_are_the_designs_formulas():
-  """4 replicas = 2 workers x 2, 250 images: 125 a worker, 63 a replica; --fit_sample=40 a
-  worker = 20 a replica; super-clusters of ceil(63 / 2) = 32 members a replica."""
+  """4 replicas = 2 workers x 2, 250 images: 125 a worker, 63 a replica; --fit_sample=20 a
+  replica; super-clusters of ceil(63 / 2) = 32 members a replica."""
   cfg = tiny_clustering_config()
   p = plan.reassignment_plan(cfg, num_replicas=4, replicas_per_worker=2, num_images=250)
   n, fit, members, d, q, m, k, it, ch, R = 63, 20, 32, 32, 8, 2, 5, 3, 16, 4

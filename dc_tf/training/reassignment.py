@@ -16,7 +16,6 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import normalized_mutual_info_score
 
-from dc_tf import distribute as dist
 from dc_tf.clustering import extract, hierarchy
 from dc_tf.clustering import replicas as replicas_lib
 from dc_tf.data import reader
@@ -48,7 +47,7 @@ def reassign(run: Trainer, epoch: int) -> dict:
         iters=c.kmeans_iters, pca_dim=c.pca_dim, pca_sample=c.pca_sample,
         seed=c.seed + 1000 * epoch, init=c.kmeans_init, chunk_size=c.chunk_size,
         progress=run.stopping.watchdog.beat,
-        fit_sample=c.fit_sample // dist.num_local_replicas(run.strategy), in_place=True,
+        fit_sample=c.fit_sample, in_place=True,
         traffic=traffic)
     # Each local replica's dict holds its worker's count: once a worker, summed over workers.
     skipped = replicas_lib.Replicas.of(run.strategy).sum(
@@ -89,6 +88,22 @@ def reassign(run: Trainer, epoch: int) -> dict:
       if key in stats:
         tf.summary.scalar(f"clusters/{key}", stats[key])
   return stats
+
+
+def fit_rows(replica_ids: list[np.ndarray], fit_sample: int, seed: int) -> np.ndarray:
+  """The image ids a k-means fit of `seed` is fitted on, as `kmeans.DistributedKMeans.fit`
+  picks them: `replica_ids` holds every replica's ids (all workers' replicas, in any order),
+  `fit_sample` is per replica (--fit_sample, as the original's 3,150,000-image cache per
+  process, src/distributed_kmeans.py). An image is kept where a seeded hash of its id falls
+  below fit_sample x replicas / pool of the hash range, so the rows depend on the number of
+  replicas and the pool only: 2 workers x 2 replicas fit on the rows 1 worker x 4 does."""
+  n = sum(len(ids) for ids in replica_ids)
+  if not fit_sample or fit_sample * len(replica_ids) >= n:
+    return np.sort(np.concatenate(replica_ids))
+  fraction = fit_sample * len(replica_ids) / n
+  picked = [ids[replicas_lib.keyed_sample(replicas_lib.row_keys(ids, seed + 11), fraction)]
+            for ids in replica_ids]
+  return np.sort(np.concatenate(picked))
 
 
 def keep_table(run: Trainer, epoch: int) -> list[int] | None:
