@@ -95,6 +95,11 @@ def test_the_paper_presets_are_what_the_original_ran():
     assert values.get("epoch_fraction", "1") == ("0.25" if "deepcluster_" in name else "1"), name
   deep, comment = preset("deepcluster_yfcc100m.cfg")
   assert deep["pca_dim"] == "4096" and "--dim_pca 4096" in comment
+  # Issue 38: DeepCluster as the paper trained it, on a 1.3M subset (the original's prefix of
+  # flickr_unique_ids.npy) with facebookresearch/deepcluster's k, both sources quoted.
+  assert deep["k"] == "10000" and "--nmb_cluster 10000" in comment
+  assert "indexes[:min(size, len(indexes))]" in comment and "[:1300000]" in comment
+  assert deep["k"] != deeper["k"] and deep["m"] == "1"
 
 
 def test_the_demo_preset_says_it_keeps_its_own_choices():
