@@ -151,18 +151,23 @@ def test_resume_ends_on_the_uninterrupted_weights(tiny_shards, tmp_path):
 def test_two_replicas_train_as_one(tiny_shards, tmp_path):
   """The cross-replica semantics (run.py's docstring): each replica's summed cross-entropy
   over the global batch, gradients summed, synchronised BN, one input pipeline whose batches
-  the replicas take in turn: two replicas of 6 make the update of one replica of 12."""
+  the replicas take in turn: one step of two replicas of 6 is the update of one replica of
+  12. Compared to a tenth of each variable's update (float sums in another order differ by
+  under 1%; a gradient of the wrong scale or unsynchronised BN statistics by all of it)."""
   from conftest import cpu_strategy
-  models = []
+  runs = []
   for name, strategy in (("one", tf.distribute.get_strategy()), ("two", cpu_strategy(2))):
-    f = run.Finetuner(tiny_config(tiny_shards, tmp_path / name, max_steps=2, dropout=0.0),
+    f = run.Finetuner(tiny_config(tiny_shards, tmp_path / name, max_steps=1, dropout=0.0),
                       strategy)
     assert f.per_replica == 12 // strategy.num_replicas_in_sync
+    start = [np.array(v) for v in f.model.weights]
     f.fit()
-    models.append(f.model)
-  for a, b in zip(*(m.weights for m in models)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
-                               err_msg=a.path)
+    runs.append((start, [np.array(v) for v in f.model.weights]))
+  (start, one), (_, two) = runs
+  for s0, a, b, v in zip(start, one, two, f.model.weights):
+    update = np.abs(a - s0).max()
+    assert update > 0 or not v.trainable, v.path
+    assert np.abs(a - b).max() <= 0.1 * update + 1e-7, v.path
 
 
 # Measured (tiny shards, RGB trunk, 12 steps at the recipe's lr 0.1, trunk pre-trained with
