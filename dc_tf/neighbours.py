@@ -76,8 +76,9 @@ if __name__ == "__main__":
   flags.DEFINE_integer("n", 10, "Matches to print.")
   flags.DEFINE_string("layer", "", "Embedded layer to compare (default probe_conv4, else "
                       "probe_fc7, else the first).")
-  flags.DEFINE_string("space", "", "raw | centred_l2 | pca_l2 (default pca_l2): the space the "
-                      "query and the rows are compared in (dc_tf/embed/space.py).")
+  from dc_tf.embed import space
+  flags.DEFINE_enum("space", space.DEFAULT_SPACE, space.SPACES, "The space the query and the "
+                    "rows are compared in (dc_tf/embed/space.py).")
   flags.DEFINE_bool("trust_model", False, "Load the model embed.json names even if its model "
                     "card is missing or does not match, or it holds ops our exports do not.")
   cli.run(main)

@@ -16,7 +16,7 @@ import logging
 
 from absl import flags
 
-from dc_tf.embed import duplicates, features
+from dc_tf.embed import duplicates, features, space
 
 FLAGS = flags.FLAGS
 
@@ -44,12 +44,13 @@ def define_flags():
   flags.DEFINE_integer("super", 1, "Super-clusters M (the hierarchy: M x K clusters).")
   flags.DEFINE_string("cluster_layer", "", "Layer clustered (default: probe_conv4, else "
                       "probe_fc7, else the first).")
-  flags.DEFINE_string("space", "", "raw | centred_l2 | pca_l2 (default pca_l2): the space the "
-                      "page clusters and compares in (dc_tf/embed/space.py).")
+  flags.DEFINE_enum("space", space.DEFAULT_SPACE, space.SPACES, "The space the page "
+                    "clusters and compares in (dc_tf/embed/space.py).")
   flags.DEFINE_bool("duplicates", False, "Near-duplicate pairs and outliers on the page and "
                     "in OUTPUT/clusters/{duplicates,outliers}.csv.")
   flags.DEFINE_float("duplicate_threshold", duplicates.DEFAULT_THRESHOLD, "Cosine at or "
-                     "above which two photos are near-duplicates (benchmarks/photo_clusters.py).")
+                     "above which two photos are near-duplicates (benchmarks/photo_clusters.py).",
+                     lower_bound=-1, upper_bound=1)
   flags.DEFINE_integer("pca_dim", 0, "PCA dimension before k-means (whitened); 0 = "
                        "min(256, dims, rows // 4).")
   flags.DEFINE_integer("queries", 4, "Query images shown with their nearest neighbours.")

@@ -116,7 +116,13 @@ def random_sample(members: np.ndarray, shown: np.ndarray, n: int, seed: int, clu
 def cluster_rows(y: np.ndarray, ids: np.ndarray, m: int, k: int, pca_dim: int, seed: int):
   """(flat cluster = super*k + sub [N], super [N], sub [N], z) of the space's rows y:
   hierarchy.cluster whitens them over a copy (in_place), so z is exactly the [N, pca_dim]
-  rows its k-means ran on."""
+  rows its k-means ran on. Rows of more than pca_dim dims are first given in their top
+  pca_dim principal axes (space.principal_axes): the whitening to pca_dim keeps only those,
+  so k-means sees the same rows, and hierarchy.cluster's D x D moments (8k x 8k for a raw
+  probe_conv4) are never formed."""
+  if y.shape[1] > pca_dim:
+    mean, axes, _ = spaces.principal_axes(y, pca_dim)
+    y = (y - mean) @ axes
   z = np.array(y, np.float32, copy=True)
   a = hierarchy.cluster(tf.distribute.get_strategy(), [z], [ids], m=m, k=k, pca_dim=pca_dim,
                         seed=seed, in_place=True)

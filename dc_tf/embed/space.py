@@ -88,12 +88,27 @@ def fit_dim(shape, dim: int = 0) -> int:
   return min(dim, d, n - 1) if dim else min(DEFAULT_DIM, d, max(1, n // 4))
 
 
-def fit(name: str, layer: str, x: np.ndarray, dim: int = 0) -> Space:
-  """The `name` space of `layer` fitted on its rows `x` [N, D].
+def principal_axes(x: np.ndarray, dim: int):
+  """(mean [D] float64, the top `dim` principal directions [D, dim], their variances [dim])
+  of rows x [N, D]: from the thin SVD of the centred rows when N <= D (at most N - 1
+  directions carry variance; an 8,192-dim layer of 1,500 photos needs no 8k x 8k
+  eigendecomposition), else from the D x D covariance, in float64 either way."""
+  n, d = x.shape
+  mean = x.mean(axis=0, dtype=np.float64)
+  centred = x.astype(np.float64) - mean
+  if n <= d:
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    eigenvalues, vectors = s ** 2 / n, vt.T
+  else:
+    eigenvalues, vectors = np.linalg.eigh(centred.T @ centred / n)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
+  return mean, vectors[:, :dim], eigenvalues[:dim]
 
-  pca_l2's eigenvectors come from the thin SVD of the centred rows when N <= D (at most
-  N - 1 directions carry variance; an 8,192-dim layer of 1,500 photos needs no 8k x 8k
-  eigendecomposition), else from the D x D covariance, in float64 either way. The default
+
+def fit(name: str, layer: str, x: np.ndarray, dim: int = 0) -> Space:
+  """The `name` space of `layer` fitted on its rows `x` [N, D] (pca_l2: `principal_axes`,
+  each scaled by its variance^-0.5, floored as dc_tf.clustering.pca floors). The default
   dim is at most a quarter of the rows: N rows whitened to N - 1 dims are a regular simplex,
   every cosine -1/(N - 1), and near-duplicates are no nearer than strangers."""
   check_name(name)
@@ -108,16 +123,7 @@ def fit(name: str, layer: str, x: np.ndarray, dim: int = 0) -> Space:
                  np.zeros(0, np.float32))
   if n < 2:
     raise SpaceError(f"pca_l2 needs at least 2 rows of {layer}, got {n}: use --space=raw")
-  dim = fit_dim(x.shape, dim)
-  centred = x.astype(np.float64) - mean
-  if n <= d:
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    eigenvalues, vectors = s ** 2 / n, vt.T
-  else:
-    eigenvalues, vectors = np.linalg.eigh(centred.T @ centred / n)
-    order = np.argsort(eigenvalues)[::-1]
-    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
-  eigenvalues, vectors = eigenvalues[:dim], vectors[:, :dim]
+  _, vectors, eigenvalues = principal_axes(x, fit_dim(x.shape, dim))
   floored = np.maximum(eigenvalues, max(eigenvalues.max(), 0.0) * EIGEN_FLOOR + 1e-30)
   return Space(name, layer, mean.astype(np.float32), (vectors * floored ** -0.5).astype(np.float32),
                eigenvalues.astype(np.float32))

@@ -104,3 +104,20 @@ def test_precision_at_k_on_planted_labels():
   mixed[idx[0, :2]] = (labels[0] + 1) % 4
   hand = np.mean([(mixed[idx[i]] == mixed[i]).mean() for i in range(48)])
   assert space.precision_at(y, mixed, ks=(5,))[5] == pytest.approx(hand)
+
+
+def test_clustering_in_principal_axes_is_the_clustering_of_the_rows():
+  """cluster_rows rotates wide rows into their top pca_dim axes before hierarchy.cluster's
+  own whitening: the same clusters and the same whitened rows (up to each axis' sign) as
+  whitening the rows themselves."""
+  from dc_tf.clustering import hierarchy
+  from dc_tf.embed import clusters
+  rng = np.random.default_rng(4)
+  labels = np.repeat(np.arange(3), 10)
+  y = space.unit(rng.normal(size=(3, 40))[labels] * 3 + rng.normal(size=(30, 40)))
+  ids = np.arange(100, 130)
+  flat, _, _, z = clusters.cluster_rows(y, ids, 1, 3, 4, seed=0)
+  a = hierarchy.cluster(tf.distribute.get_strategy(), [y], [ids], m=1, k=3, pca_dim=4, seed=0)
+  np.testing.assert_array_equal(flat, a.flat_labels)
+  want = pca.fit_whitening(tf.distribute.get_strategy(), [y], 4).apply(y)
+  np.testing.assert_allclose(gram(z), gram(want), atol=1e-4)
