@@ -2,6 +2,7 @@
 deterministic order, resume and its refusals, list and TFRecord inputs."""
 
 import collections
+import dataclasses
 import csv
 import glob
 import hashlib
@@ -56,6 +57,13 @@ def test_a_yfcc_list_photo_with_two_files_is_one_row(photos, tmp_path):
   rows, dropped, seen = inputs.plan(str(listing), input_format="yfcc_list")
   assert [(r.image_id, r.path) for r in rows] == [(7, a), (8, c)]
   assert dropped == {"second image file": 1} and seen == 3
+  # every row carries its own line's photo id, whatever order the list gives them in
+  paths = sorted(glob.glob(f"{photos}/*/img*.jpg"))
+  ids = np.random.default_rng(0).permutation(len(paths)) + 100
+  listing.write_text("".join(f"{i}\t{p}\n" for i, p in zip(ids, paths)))
+  rows = inputs.plan(str(listing), input_format="yfcc_list")[0]
+  assert len(rows) == len(paths) == 12
+  assert {r.path: r.image_id for r in rows} == dict(zip(paths, ids.tolist()))
 
 
 def test_the_beam_path_reads_each_input_shard_once_in_any_order(example, tmp_path,
@@ -104,6 +112,30 @@ def test_a_finished_shard_beyond_the_runs_count_is_named_gap_or_not(tmp_path):
     with pytest.raises(UserError, match=f"shard-{stale:05d}.json is beyond this run's 2 shards"):
       features.check_no_stale_shards(str(out), 2)
     features.check_no_stale_shards(str(out), stale + 1)
+
+
+def test_a_finished_shard_of_another_model_or_an_edited_photo_is_refused(photos, tmp_path):
+  """Resume compares the model's sha256 and the rows digest, which hashes each photo's SHA-1:
+  a photo rewritten in place (same path, same size, other bytes) changes no id nor path."""
+  opts = features.EmbedOptions(input=photos, model="m", output=str(tmp_path)).validate()
+  rows = inputs.plan(opts.input)[0]
+  meta = features.shard_meta(0, rows, "a" * 64, ["fc7"], opts)
+  with open(features.meta_path(str(tmp_path), 0), "w") as f:
+    json.dump(meta, f)
+  assert features.check_finished(str(tmp_path), 0, meta)
+  with pytest.raises(UserError, match="model sha256 'a{64}', this run has 'b{64}'"):
+    features.check_finished(str(tmp_path), 0, {**meta, "model_sha256": "b" * 64})
+  edited = os.path.join(photos, "home", "img02.jpg")
+  with open(edited, "wb") as f:
+    f.write(jpeg_bytes(777, size=(42, 48)))
+  after = inputs.plan(opts.input)[0]
+  changed = [(a, b) for a, b in zip(rows, after) if a != b]
+  assert len(after) == len(rows) and len(changed) == 1
+  (a, b), = changed
+  assert dataclasses.replace(a, sha1=b.sha1) == b and a.sha1 != b.sha1   # only the bytes
+  with pytest.raises(UserError, match="rows .the input changed"):
+    features.check_finished(str(tmp_path), 0, features.shard_meta(0, after, "a" * 64, ["fc7"],
+                                                                   opts))
 
 
 def test_the_model_of_a_features_folder_is_found_from_anywhere(tmp_path, monkeypatch):
@@ -204,6 +236,9 @@ def test_list_and_tfrecord_inputs_give_the_folders_features(photos, tiny_export,
   m = embed(str(yfcc), tiny_export, yfcc_out, layers=("fc7",), input_format="yfcc_list")
   assert m["rows"] == 12 and m["dropped"]["bad image list line"] == 1
   assert all(1000 <= int(r["image_id"]) < 1017 for r in index(yfcc_out))
+  listed = {os.path.realpath(p): 1000 + i for i, p in enumerate(
+      sorted(glob.glob(f"{photos}/**/*.jpg", recursive=True)))}
+  assert all(int(r["image_id"]) == listed[os.path.realpath(r["path"])] for r in index(yfcc_out))
   shards = tmp_path / "shards"
   make_shards.write_shards("folder", photos, str(shards), "p", 2, seed=0)
   rec_out = str(tmp_path / "rec_out")

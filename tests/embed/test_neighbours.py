@@ -1,6 +1,9 @@
 """python -m dc_tf.neighbours: a photo's own row first at cosine 1, scores best first (raw
-cosine here; the spaces are tests/embed/test_space.py's)."""
+cosine here; the spaces are tests/embed/test_space.py's); an export other than embed.json's
+is refused."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -33,3 +36,12 @@ def test_query_finds_itself_then_the_cosine_order(photos, tiny_export, tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 3 and lines[0].split()[3] == rows[5].path and lines[0].split()[1] == "1.0000"
+  # an export whose sha256 is not the one embed.json records is refused, both named
+  path = os.path.join(out, features.MANIFEST)
+  with open(path) as f:
+    manifest = json.load(f)
+  with open(path, "w") as f:
+    json.dump({**manifest, "model_sha256": "0" * 64}, f)
+  with pytest.raises(UserError, match=f"is not the one {out} was embedded with .sha256 "
+                                      f"{manifest['model_sha256'][:12]}.*says 000000000000"):
+    neighbours.search(out, query, n=3, space="raw")
