@@ -245,7 +245,7 @@ def make_page(output: str, k: int, m: int = 1, layer: str = "", space: str = "",
 def _duplicates_section(out, rows, y, threshold, n_outliers, thumb, shown=20) -> str:
   """duplicates.csv and outliers.csv (every pair, the n most isolated rows) and the page's
   section: the first `shown` pairs and the outliers as thumbnail pairs."""
-  found = dups.pairs(y, threshold)
+  found = dups.pairs(y, threshold, max_pairs=100 * len(y))   # a raw space lists every pair
   lonely = dups.outliers(y, n_outliers) if len(y) >= 2 else []
   for name, head, items in (("duplicates.csv", ("row_a", "row_b", "cosine"), found),
                             ("outliers.csv", ("row", "nearest_row", "cosine"), lonely)):

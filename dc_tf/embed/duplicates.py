@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dc_tf.config import UserError
+
 # The cosine above which two photos are listed as near-duplicates, in the default space
 # (space.DEFAULT_LAYER, space.DEFAULT_SPACE). Set from the planted copies (re-encoded, resized,
 # cropped 90%) of the choosing half in benchmarks/photo_clusters.py: the middle of the best-F1
@@ -25,10 +27,15 @@ DEFAULT_THRESHOLD = 0.93
 DEFAULT_OUTLIERS = 10
 
 
-def pairs(y: np.ndarray, threshold: float, block: int = 1024
+class TooManyPairs(UserError, ValueError):
+  """The threshold lists a large share of all pairs: the space does not separate copies."""
+
+
+def pairs(y: np.ndarray, threshold: float, block: int = 1024, max_pairs: int = 0
           ) -> list[tuple[int, int, float]]:
   """[(i, j, cosine)] for i < j with y_i . y_j >= threshold, best first (ties by i, j).
-  `y`: unit rows [N, p]."""
+  `y`: unit rows [N, p]. More than `max_pairs` (> 0) is refused: in the raw space of ReLU
+  features nearly every pair is above 0.9 (issue 36), and the list would be N^2 / 2 long."""
   if not -1.0 <= threshold <= 1.0:
     raise ValueError(f"a cosine threshold is in [-1, 1], got {threshold}")
   found = []
@@ -36,6 +43,9 @@ def pairs(y: np.ndarray, threshold: float, block: int = 1024
     s = y[start:start + block] @ y[start:].T        # only j >= i: each pair once
     rows, cols = np.nonzero(s >= threshold)
     keep = cols > rows                              # j > i, self excluded
+    if max_pairs and len(found) + int(keep.sum()) > max_pairs:
+      raise TooManyPairs(f"more than {max_pairs} pairs of photos at cosine >= {threshold:g}: "
+                         "raise --duplicate_threshold, or use --space=pca_l2")
     for r, c in zip(rows[keep], cols[keep]):
       found.append((start + int(r), start + int(c), float(s[r, c])))
   found.sort(key=lambda p: (-p[2], p[0], p[1]))
@@ -80,6 +90,18 @@ def planted_copies(data: bytes) -> dict[str, bytes]:
   as_jpeg = lambda a: tf.io.encode_jpeg(tf.cast(tf.round(a), tf.uint8), quality=90).numpy()  # noqa: E731
   return {"reencoded": tf.io.encode_jpeg(img, quality=40).numpy(), "resized": as_jpeg(small),
           "cropped": as_jpeg(crop)}
+
+
+def count_above(y: np.ndarray, thresholds, block: int = 1024) -> np.ndarray:
+  """[len(thresholds)] number of pairs i < j with cosine >= each threshold, block by block,
+  without listing them (the benchmark's precision denominators, at any threshold)."""
+  t = np.asarray(thresholds, np.float64)
+  counts = np.zeros(len(t), np.int64)
+  for start in range(0, len(y), block):
+    s = y[start:start + block] @ y[start:].T
+    upper = s[np.triu_indices(len(s), 1, s.shape[1])]   # j > i only
+    counts += len(upper) - np.searchsorted(np.sort(upper), t, side="left")
+  return counts
 
 
 def planted_scores(found, planted: set, threshold: float) -> dict:

@@ -31,6 +31,12 @@ def test_pairs_and_isolation_by_blocks_equal_the_whole_matrix():
   assert [i for i, _, _ in lonely] == np.argsort(s.max(1), kind="stable")[:3].tolist()
   with pytest.raises(ValueError, match="threshold"):
     duplicates.pairs(y, 1.5)
+  with pytest.raises(duplicates.TooManyPairs, match="--duplicate_threshold"):
+    duplicates.pairs(y, t, block=5, max_pairs=len(want) - 1)
+  upper = (y @ y.T)[np.triu_indices(37, 1)]
+  ts = [-1.0, 0.0, t, 0.99]
+  np.testing.assert_array_equal(duplicates.count_above(y, ts, block=5),
+                                [(upper >= v).sum() for v in ts])
 
 
 def test_planted_scores_by_hand():
