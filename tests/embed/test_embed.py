@@ -2,12 +2,13 @@
 deterministic order, resume and its refusals, list and TFRecord inputs."""
 
 import collections
-import dataclasses
 import csv
+import dataclasses
 import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -202,6 +203,19 @@ def test_embed_folder_equals_the_serving_export_and_resumes(photos, tiny_export,
     embed(photos, tiny_export, out, shard_size=5, layers=("fc7",))
   with pytest.raises(UserError, match="input options"):
     embed(photos, tiny_export, out, shard_size=4)
+  # another export (here one more file in serving/, its card rewritten to match) is refused
+  other = str(tmp_path / "other")
+  shutil.copytree(tiny_export, other)
+  with open(os.path.join(other, "serving", "assets", "note.txt"), "w") as f:
+    f.write("another model")
+  with open(os.path.join(other, export.CARD_FILE)) as f:
+    card = json.load(f)
+  card["sha256"]["serving"] = export._dir_sha256(os.path.join(other, "serving"))  # noqa: SLF001
+  with open(os.path.join(other, export.CARD_FILE), "w") as f:
+    json.dump(card, f)
+  sha = card["sha256"]["serving"]
+  with pytest.raises(UserError, match=f"model sha256 .*, this run has '{sha}'"):
+    embed(photos, other, out, shard_size=5)
   # the input shrank by the last shard's rows: the stale shard is named, not left for a glob
   last = {r.sha1 for r in inputs.plan(photos)[0][-2:]}
   for f in glob.glob(f"{photos}/**/*.jpg", recursive=True):
