@@ -90,20 +90,21 @@ def fit_dim(shape, dim: int = 0) -> int:
 
 def principal_axes(x: np.ndarray, dim: int):
   """(mean [D] float64, the top `dim` principal directions [D, dim], their variances [dim])
-  of rows x [N, D]: from the thin SVD of the centred rows when N <= D (at most N - 1
+  of rows x [N, D], in float64, only the top `dim` eigenpairs computed (scipy's subset
+  eigh): from the N x N Gram matrix of the centred rows when N <= D (at most N - 1
   directions carry variance; an 8,192-dim layer of 1,500 photos needs no 8k x 8k
-  eigendecomposition), else from the D x D covariance, in float64 either way."""
+  eigendecomposition), else from the D x D covariance."""
+  from scipy import linalg
   n, d = x.shape
   mean = x.mean(axis=0, dtype=np.float64)
   centred = x.astype(np.float64) - mean
-  if n <= d:
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    eigenvalues, vectors = s ** 2 / n, vt.T
-  else:
-    eigenvalues, vectors = np.linalg.eigh(centred.T @ centred / n)
-    order = np.argsort(eigenvalues)[::-1]
-    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
-  return mean, vectors[:, :dim], eigenvalues[:dim]
+  small = n <= d
+  m = centred @ centred.T if small else centred.T @ centred
+  values, vectors = linalg.eigh(m, subset_by_index=[len(m) - dim, len(m) - 1])
+  values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1]
+  if small:   # u_i of the Gram matrix -> v_i = X^T u_i / sqrt(lambda_i), unit length
+    vectors = centred.T @ vectors / np.sqrt(np.maximum(values, 1e-30))
+  return mean, vectors, values / n
 
 
 def fit(name: str, layer: str, x: np.ndarray, dim: int = 0) -> Space:
