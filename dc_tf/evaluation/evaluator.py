@@ -38,6 +38,7 @@ from dc_tf.clustering import extract
 from dc_tf.clustering import kmeans as km
 from dc_tf.clustering import pca
 from dc_tf import distribute as dist
+from dc_tf.analysis.metadata import gps_cells, least_frequent_tag  # noqa: F401 (evaluator's names)
 from dc_tf.config import ModelConfig, UserError
 from dc_tf.evaluation import feature_store, metrics, probes
 from dc_tf.models import vgg
@@ -145,23 +146,6 @@ def cluster_quality(feats: np.ndarray, meta: dict, k: int, seed: int = 0,
     if present.sum() > 1:
       report[name] = metrics.cluster_scores(values[present], assign[present])
   return report, assign
-
-
-def least_frequent_tag(tags: np.ndarray) -> np.ndarray:
-  """Each image's rarest tag across the set (the paper's choice for tag NMI)."""
-  split = [t.decode("utf-8").split(",") if t else [] for t in tags]
-  counts: dict[str, int] = {}
-  for ts in split:
-    for t in ts:
-      counts[t] = counts.get(t, 0) + 1
-  return np.array([min(ts, key=lambda t: (counts[t], t)).encode() if ts else b"" for ts in split])
-
-
-def gps_cells(lat: np.ndarray, lon: np.ndarray, degrees: float = 1.0) -> np.ndarray:
-  ok = np.isfinite(lat) & np.isfinite(lon)
-  cells = [f"{int(np.floor(a / degrees))}:{int(np.floor(o / degrees))}".encode() if g else b""
-           for a, o, g in zip(lat, lon, ok)]
-  return np.array(cells)
 
 
 class LabelError(UserError, ValueError):
