@@ -69,6 +69,10 @@ def purity(labels_true, labels_pred) -> float:
 
 
 def cluster_scores(labels_true, labels_pred) -> dict:
+  """NMI / ARI / purity. Labels of any sortable kind (the shards' user ids, tags, GPS cells
+  and devices are bytes, which scikit-learn 1.9 refuses) are scored by their integer codes."""
+  labels_true = np.unique(np.asarray(labels_true), return_inverse=True)[1].ravel()
+  labels_pred = np.unique(np.asarray(labels_pred), return_inverse=True)[1].ravel()
   return {"nmi": float(skm.normalized_mutual_info_score(labels_true, labels_pred)),
           "ari": float(skm.adjusted_rand_score(labels_true, labels_pred)),
           "purity": purity(labels_true, labels_pred)}

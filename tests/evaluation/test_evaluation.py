@@ -23,6 +23,16 @@ def test_cluster_scores_match_sklearn():
   assert s["purity"] == pytest.approx(table.max(0).sum() / 200)
 
 
+def test_cluster_scores_take_the_shards_bytes_metadata():
+  """User ids, tags, GPS cells and devices come out of the shards as bytes (scikit-learn 1.9
+  raises a TypeError on them): scored as their integer codes."""
+  users = np.array([b"u1", b"u1", b"u2", b"u2", b"u3", b"u3"], dtype=object)
+  clusters = np.array([0, 0, 1, 1, 1, 2])
+  assert metrics.cluster_scores(users, clusters) == pytest.approx(
+      metrics.cluster_scores(np.array([0, 0, 1, 1, 2, 2]), clusters))
+  assert metrics.cluster_scores(users, users)["nmi"] == pytest.approx(1.0)
+
+
 def test_cluster_scores_by_hand():
   """NMI (arithmetic-mean normalisation, scikit-learn's default), ARI and purity on labellings
   whose values are known in closed form."""
