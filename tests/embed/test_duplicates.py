@@ -78,16 +78,21 @@ def test_planted_copies_found_and_no_unrelated_pair(tmp_path, tiny_export):
   with open(os.path.join(out, "clusters", "duplicates.csv")) as f:
     found = [(int(r["row_a"]), int(r["row_b"]), float(r["cosine"])) for r in csv.DictReader(f)]
   s = duplicates.planted_scores(found, planted, duplicates.DEFAULT_THRESHOLD)
-  # Measured on this set through 12 random inits of the tiny trunk (probe_conv4, pca_l2 in
+  # Measured on this set through 13 random inits of the tiny trunk (probe_conv4, pca_l2 in
   # 18 dims): no unrelated pair above 0.80, planted pairs from 0.875 up; recall at 0.93 from
-  # 0.75 to 1.0 (fewer whitened dims than the 256 the threshold was set at: see space.fit).
-  assert s["precision"] == 1.0 and s["recall"] >= 0.7, s
+  # 0.67 to 1.0 (fewer whitened dims than the 256 the threshold was set at: see space.fit),
+  # so the recall at the default is the benchmark's to measure, not this test's.
+  assert s["precision"] == 1.0 and s["recall"] > 0, s
   fitted, _ = space.load(out, layer)
   y = fitted.apply(x)
   sim = y @ y.T
   iu = np.triu_indices(len(y), 1)
   same = np.array([(i, j) in planted for i, j in zip(*iu)])
   assert sim[iu][same].min() > sim[iu][~same].max()    # a threshold separates them all
+  # The CSV lists exactly the pairs at or above the threshold, with their cosines.
+  above = {(int(i), int(j)) for i, j in zip(*iu) if sim[i, j] >= duplicates.DEFAULT_THRESHOLD}
+  assert {(a, b) for a, b, _ in found} == above
+  np.testing.assert_allclose([c for *_, c in found], [sim[a, b] for a, b, _ in found], atol=1e-4)
   with open(os.path.join(out, "clusters", "outliers.csv")) as f:
     lonely = [int(r["row"]) for r in csv.DictReader(f)]
   assert not {group[j] for j in lonely} & set(range(WITH_COPIES))   # a copied one is never alone
