@@ -20,9 +20,9 @@ indices over `conv_old.kernel_size[0]` = 3 (l.166-167), so it writes only the ta
 of the 5x5 kernel and leaves the other 16 at Conv2d's random init: its converted front is not
 the Sobel front + conv1 it replaces. Ours is (tests/training/test_finetune.py).
 
-Relation to `dc_tf.models.vgg.fold_sobel`: the same 5x5 kernel, over the image padded by 3
-(computed here: building fold_sobel's model only to read it fails under --mixed_precision, its
-custom layer does not take the policy). fold_sobel also adds a frozen `SobelBorderCorrection`
+Relation to `dc_tf.models.vgg.fold_sobel`: the same 5x5 kernel (`vgg.sobel_rgb_kernel`), over
+the image padded by 3, without building fold_sobel's model (its custom layer does not take
+--mixed_precision's policy). fold_sobel also adds a frozen `SobelBorderCorrection`
 built from the initial conv1, which would go stale once conv1 trains; with the 2-pixel pad it is
 identically zero (the Sobel map of a 3-padded image is zero on its outer ring, exactly the
 zeros conv1's own pad adds), so it is left out here and the converted front is a plain
@@ -134,19 +134,6 @@ def load_source_weights(trunk: keras.Model, source: str, model_config: ModelConf
   return -1
 
 
-def sobel_rgb_kernel(conv1_kernel: np.ndarray) -> np.ndarray:
-  """conv1 [3, 3, 2, C] after gray (1/3 each of RGB) and Sobel [Gx, Gy] (3x3, no bias) as one
-  [5, 5, 3, C] kernel: cross-correlations compose as y[p] = sum_a k1[a] sum_u G[u] g[p + a + u],
-  so tap a + u gets G[u] k1[a] (the original's `computeweight`/`aux`, every tap)."""
-  gray_k, sobel_k = vgg.sobel_kernels()
-  k5 = np.zeros([5, 5, 1, conv1_kernel.shape[-1]], np.float64)
-  for a in range(3):
-    for b in range(3):
-      k5[a:a + 3, b:b + 3, 0, :] += np.einsum("uvk,kc->uvc", sobel_k[:, :, 0, :],
-                                              conv1_kernel[a, b])
-  return (np.repeat(k5, 3, axis=2) * gray_k[0, 0, 0, 0]).astype(np.float32)
-
-
 def sobel_to_rgb(trunk: keras.Model) -> keras.Model:
   """The trunk with its frozen Sobel front and conv1 merged into one trainable 5x5 conv over
   the RGB image padded by 3 (the original's `sobel2RGB`, all 25 taps: module docstring).
@@ -157,22 +144,14 @@ def sobel_to_rgb(trunk: keras.Model) -> keras.Model:
       image_size + 2):
     raise UserError("sobel2rgb: the trunk has no Sobel front padded by 2 pixels")
   k1, b1 = trunk.get_layer("conv1_conv").get_weights()
-  k5 = sobel_rgb_kernel(k1)
+  k5 = vgg.sobel_rgb_kernel(k1)
   inputs = keras.Input([image_size, image_size, 3], name="images")
   # ConstantPad2d(2) kept (model_factory.py l.84-86) + the new conv's padding=1 (l.165).
   x = keras.layers.ZeroPadding2D(3, name="sobel2rgb_pad")(inputs)
   conv = keras.layers.Conv2D(k5.shape[-1], 5, padding="valid", name="conv1_conv_rgb")
   x = conv(x)
   conv.set_weights([k5, b1])
-  outputs, started = {}, False
-  for layer in trunk.layers:
-    started = started or layer.name == "conv1_bn"
-    if not started:
-      continue
-    x = layer(x)
-    if layer.name in vgg.CONV_ENDPOINTS or layer.name == "fc6":
-      outputs[layer.name] = x
-  outputs["fc7"] = x                                  # fc7_out is the trunk's last layer
+  outputs = vgg.after_conv1(trunk, x)
   return keras.Model(inputs, outputs, name=trunk.name + "_rgb")
 
 

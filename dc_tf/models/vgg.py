@@ -124,6 +124,35 @@ def trunk_from_config(model_config) -> keras.Model:
                      dropout=model_config.dropout, input_pad=model_config.pad)
 
 
+def sobel_rgb_kernel(conv1_kernel: np.ndarray) -> np.ndarray:
+  """conv1 [3, 3, 2, C] after gray (1/3 each of RGB) and Sobel [Gx, Gy] (3x3, no bias) as one
+  [5, 5, 3, C] kernel: cross-correlations compose as y[p] = sum_a k1[a] sum_u G[u] g[p + a + u],
+  so tap a + u gets G[u] k1[a] (the original's `computeweight`/`aux` in model_factory.py's
+  sobel2RGB, every tap of it)."""
+  gray_k, sobel_k = sobel_kernels()
+  k5 = np.zeros([5, 5, 1, conv1_kernel.shape[-1]], np.float64)
+  for a in range(3):
+    for b in range(3):
+      k5[a:a + 3, b:b + 3, 0, :] += np.einsum("uvk,kc->uvc", sobel_k[:, :, 0, :],
+                                              conv1_kernel[a, b])
+  return (np.repeat(k5, 3, axis=2) * gray_k[0, 0, 0, 0]).astype(np.float32)
+
+
+def after_conv1(trunk: keras.Model, x) -> dict:
+  """The endpoints of `trunk`'s layers from conv1's BN on, applied to a new conv1 output `x`
+  (the layers are shared): what a front rebuilt in front of conv1 feeds."""
+  outputs, started = {}, False
+  for layer in trunk.layers:
+    started = started or layer.name == "conv1_bn"
+    if not started:
+      continue
+    x = layer(x)
+    if layer.name in CONV_ENDPOINTS or layer.name == "fc6":
+      outputs[layer.name] = x
+  outputs["fc7"] = x                                            # fc7_out is the last layer
+  return outputs
+
+
 def fold_sobel(trunk: keras.Model) -> keras.Model:
   """An RGB trunk whose first layer is a 5x5 conv over RGB: the frozen Sobel front
   (gray, 2-pixel pad, 3x3 Gx/Gy) folded into conv1, as the paper did for fine-tuning on
@@ -134,7 +163,10 @@ def fold_sobel(trunk: keras.Model) -> keras.Model:
   Writing s_full for the Sobel map of the 3-padded gray image,
     conv1(pad1(s)) = conv1(s_full) - conv1(s_full * ring),
   so the folded model adds a frozen linear correction on the image border. Outputs equal
-  the unfolded model's (tested); drop the correction for the paper's plain 5x5 conv.
+  the unfolded model's (tested). With the 2-pixel Sobel pad, the only one allowed here, that
+  ring's Sobel responses see nothing but padding, so the correction is exactly zero
+  (tests/training/test_finetune.py measures it): the plain 5x5 conv (`sobel_rgb_kernel`,
+  what `python -m dc_tf.finetune --sobel2rgb` trains) is the same front.
   """
   if "sobel_filter" not in [l.name for l in trunk.layers]:
     raise ValueError("fold_sobel: this trunk has no Sobel front (built with sobel=False)")
@@ -143,28 +175,13 @@ def fold_sobel(trunk: keras.Model) -> keras.Model:
     raise ValueError("fold_sobel: the border term is derived for the 2-pixel Sobel pad; this "
                      "trunk's Sobel front pads otherwise (input_pad)")
   k1, b1 = trunk.get_layer("conv1_conv").get_weights()        # [3,3,2,c1], [c1]
-  gray_k, sobel_k = sobel_kernels()
-  k5 = np.zeros([5, 5, 1, k1.shape[-1]], np.float32)
-  for a in range(3):        # y[i] = sum_a sum_u g[i+a+u] G[u] k1[a]  =>  k5[a+u] += G[u] k1[a]
-    for b in range(3):
-      for ch in range(2):
-        k5[a:a + 3, b:b + 3, 0, :] += sobel_k[:, :, 0, ch][:, :, None] * k1[a, b, ch][None, None, :]
-  k5 = np.repeat(k5, 3, axis=2) * gray_k[0, 0, 0, 0]           # gray = mean of RGB
   inputs = keras.Input([image_size, image_size, 3], name="images")
   x = keras.layers.ZeroPadding2D(3, name="folded_pad")(inputs)
   conv = keras.layers.Conv2D(k1.shape[-1], 5, padding="valid", name="conv1_conv_folded")
   y = conv(x)
-  conv.set_weights([k5, b1])
+  conv.set_weights([sobel_rgb_kernel(k1), b1])
   y = keras.layers.Add(name="conv1_folded")([y, SobelBorderCorrection(k1, image_size)(inputs)])
-  outputs, started = {}, False
-  for layer in trunk.layers:
-    started = started or layer.name == "conv1_bn"
-    if not started:
-      continue
-    y = layer(y)
-    if layer.name in CONV_ENDPOINTS or layer.name == "fc6":
-      outputs[layer.name] = y
-  outputs["fc7"] = y                                            # fc7_out is the last layer
+  outputs = after_conv1(trunk, y)
   return keras.Model(inputs, outputs, name=trunk.name + "_folded")
 
 
