@@ -279,7 +279,8 @@ PAGE = """<!DOCTYPE html>
 <style>body{{font-family:sans-serif;margin:1em}} section{{display:inline-block;vertical-align:top;
 margin:0 1em 1em 0}} h2{{font-size:1em}} h3{{font-size:.9em}} small{{color:#666}}
 figure{{display:inline-block;margin:0 .5em 0 0}} figcaption{{font-size:.8em;color:#444}}
-ol,details{{font-size:.8em}} .label{{font-weight:bold}}</style></head>
+ol,details{{font-size:.8em}} li{{overflow-wrap:anywhere}} .query{{max-width:28em}}
+.label{{font-weight:bold}}</style></head>
 <body data-clusters="{count}">
 <h1>{count} clusters of {n} photos</h1>
 <p>Layer {layer} in the {space} space, PCA-whitened to {pca_dim} dims, {m} super-cluster(s) x
