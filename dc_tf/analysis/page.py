@@ -82,7 +82,8 @@ def write_page(table: Table, pattern: str, output_dir: str, *, clusters: int = 1
                     f'<dl>{"".join(items)}</dl></section>')
   page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>training clusters"
           "</title><style>section{display:inline-block;margin:8px;vertical-align:top}"
-          "dl{font:12px sans-serif}</style></head><body><h1>training clusters and their "
+          "dl{font:12px sans-serif;display:grid;grid-template-columns:auto 1fr;gap:2px 8px}"
+          "dd{margin:0}</style></head><body><h1>training clusters and their "
           "dominant metadata</h1>" + "".join(sections) + "</body></html>")
   with tf.io.gfile.GFile(os.path.join(output_dir, "index.html"), "w") as f:
     f.write(page)
