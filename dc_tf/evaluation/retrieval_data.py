@@ -152,7 +152,8 @@ def read_classic(root: str, name: str, blacklist=None) -> RetrievalSet:
                       queries, tuple(sorted(missing)))
 
 
-class _GroundTruthUnpickler(pickle.Unpickler):
+class _GroundTruthUnpickler(pickle._Unpickler):  # noqa: SLF001  (its memo is a dict: a
+  # huge PUT index costs nothing, where the C unpickler allocates 2x the index first)
   """Resolves only what a gnd_*.pkl can hold besides dicts, lists, strings and numbers:
   numpy arrays and scalars (their reconstructor, ndarray, dtype) and `_codecs.encode`, which
   Python 3 writes for bytes (an array's buffer) at protocol 2. Anything else, e.g. os.system

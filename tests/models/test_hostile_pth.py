@@ -388,6 +388,27 @@ def test_a_pickle_of_empty_sets_is_charged_for_its_objects(tmp_path):
   refused(legacy, r"pickle runs past 4,096 bytes", max_bytes=MB)
 
 
+def test_a_huge_memo_index_costs_nothing(tmp_path):
+  """LONG_BINPUT 2**26 in a 10-byte pickle: the C unpickler grows its memo array to twice the
+  index (512 MiB here, 4 GiB at 2**28) before any check runs; the reader's memo is a dict."""
+  body = b"\x80\x02}r\x00\x00\x00\x04."
+  path = tmp_path / "memo.pth"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", body)
+  legacy = tmp_path / "memo-legacy.pth"
+  with open(legacy, "wb") as f:
+    f.write(body)                    # the magic number's pickle is the first one read
+  tracemalloc.start()
+  try:
+    assert torch_pickle.load(str(path)) == {}
+    with pytest.raises(torch_pickle.TorchFileError, match="legacy magic number"):
+      torch_pickle.load(str(legacy))
+    _, top = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert top < SMALL_PEAK, top
+
+
 def test_pickled_code_is_refused_in_both_containers(tmp_path):
   marker = tmp_path / "ran"
 
