@@ -203,6 +203,9 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
   if cluster_sample < 2:
     raise UserError(f"--cluster_sample must be at least 2, not {cluster_sample}")
   layers = tuple(layers or (DEFAULT_LAYERS if probe == "fast" else linear_original.LAYERS))
+  if cluster_k > cluster_sample:
+    raise UserError(f"--cluster_k={cluster_k} is more than --cluster_sample={cluster_sample} "
+                    "images can make")
   tf.io.gfile.makedirs(output_dir)
   model_config = trained.model_config if trained else model_config
   subjects = {}
@@ -222,6 +225,11 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
   train_layers = layers if probe == "fast" else tuple(knn_layers or [cluster_layer])
   test_layers = tuple(dict.fromkeys([*train_layers, cluster_layer]))
   root = _feature_root(feature_dir, output_dir)
+  taken = [n for n in subjects if os.path.exists(os.path.join(root, n))]
+  if taken:   # another evaluation's files, or kept ones: never overwritten, never deleted
+    raise feature_store.FeatureDirError(
+        f"{os.path.join(root, taken[0])} exists (kept features, or an evaluation running with "
+        "the same --feature_dir): remove it or pass another --feature_dir")
   for name, subject in subjects.items():
     store = lambda pattern, split, layers_, **kw: feature_store.write(  # noqa: E731
         subject, pattern, layers_, os.path.join(root, name, split),
@@ -237,6 +245,10 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
       if (test.label < 0).all():
         raise LabelError(f"accuracy needs labels, but {test_pattern} has none (shards "
                          "written with --drop_labels?)")
+      k = cluster_k or len(np.unique(test.label))
+      if k > len(test.sample_rows):   # before the probes, not after them
+        raise UserError(f"{k} clusters cannot be made of the {len(test.sample_rows)} images "
+                        "of the cluster sample: raise --cluster_sample or lower --cluster_k")
       res = {"pool_sizes": pool_sizes(subject, layers), "probe": {}, "knn": {},
              "computed_on": test.computed_on}
       if probe == "original":
@@ -251,7 +263,6 @@ def evaluate(trained: LoadedTrunk | None, *, train_pattern: str, test_pattern: s
         res["knn"][layer] = 100 * metrics.knn_top1(train[layer], train.label, test[layer],
                                                    test.label)
       meta = test.sample_meta
-      k = cluster_k or len(np.unique(test.label))
       res["cluster_sample"] = len(test.sample_rows)
       res["clusters"], assign = cluster_quality(test[cluster_layer][test.sample_rows], meta, k,
                                                 seed, strategy)

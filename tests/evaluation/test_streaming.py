@@ -181,6 +181,15 @@ def test_evaluate_keeps_features_when_asked_and_refuses_bad_flags(tiny_shards, t
     evaluator.evaluate(twin, output_dir=str(tmp_path / "e"), feature_dir="gs://b/f", **kw)
   with pytest.raises(UserError, match="--cluster_sample"):
     evaluator.evaluate(twin, output_dir=str(tmp_path / "e"), cluster_sample=1, **kw)
+  # The kept files are neither overwritten nor deleted by the next evaluation there.
+  before = os.path.getmtime(tmp_path / "feats" / "trained" / "test" / "fc7.f32")
+  with pytest.raises(UserError, match="exists .* another --feature_dir"):
+    evaluator.evaluate(twin, output_dir=str(tmp_path / "e"), feature_dir=str(tmp_path / "feats"),
+                       **kw)
+  assert os.path.getmtime(tmp_path / "feats" / "trained" / "test" / "fc7.f32") == before
+  # k larger than the cluster sample is refused before any probe trains (3 labels, 2 images).
+  with pytest.raises(UserError, match="3 clusters cannot be made of the 2 images"):
+    evaluator.evaluate(twin, output_dir=str(tmp_path / "e2"), cluster_sample=2, **kw)
 
 
 @pytest.mark.slow
