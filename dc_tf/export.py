@@ -331,7 +331,10 @@ def check_model(path: str, trust: bool = False, require_card: bool = True) -> No
   `ALLOWED_OPS`. `trust` accepts such a model (a warning names what was found). The card
   proves only that the files are the ones it describes, not who wrote them: both sit in the
   same folder, so a forged model comes with a forged card; the op scan is what keeps a model
-  from reading or writing files."""
+  from reading or writing files through ReadFile, WriteFile and the like. Not yet closed: the
+  checkpoint ops (SaveV2, RestoreV2, MergeV2Checkpoints) are allowed in every function, so a
+  crafted serving function could call them on a path of its choosing (write or move
+  checkpoint files); refusing them outside the saver's own functions needs the call graph."""
   path = path.rstrip("/") or path
   folder = os.path.dirname(path) or "."
   problems = []
