@@ -44,3 +44,35 @@ def test_fit_rows_are_the_rows_kmeans_fits_on():
   alone = kmeans.fit([x[rows]], 5, 4, seed=7, local_keys=[ids[rows]])
   assert 100 < len(rows) < 300
   np.testing.assert_allclose(sampled.centroids, alone.centroids, rtol=1e-5, atol=1e-5)
+
+
+def test_the_reassignment_passes_fit_sample_per_replica(monkeypatch):
+  """What `reassign` hands the clustering is --fit_sample itself (per replica), not a worker's
+  cap split over its local replicas (the rule before): checked on 2 local replicas."""
+  import contextlib
+  import types
+  from conftest import cpu_strategy
+  from dc_tf.config import ExperimentConfig
+  from dc_tf.training import reassignment as ra
+  cfg = ExperimentConfig().replace(clustering={"fit_sample": 123})
+  feats = [{"fc7": np.zeros([4, 2], np.float32), "image_id": np.arange(4) + 4 * i,
+            "skipped": 0} for i in range(2)]
+  monkeypatch.setattr(ra.extract, "extract_per_replica", lambda *a, **k: feats)
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def cluster(strategy, local_f, local_ids, **kw):
+    seen.update(kw, replicas=len(local_f))
+    raise Stop
+  monkeypatch.setattr(ra.hierarchy, "cluster", cluster)
+  run = types.SimpleNamespace(
+      config=cfg, strategy=cpu_strategy(2), trunk=None, is_chief=True,
+      stopping=types.SimpleNamespace(guard=lambda what: contextlib.nullcontext(),
+                                     watchdog=types.SimpleNamespace(beat=lambda: None)))
+  try:
+    ra.reassign(run, epoch=3)
+  except Stop:
+    pass
+  assert seen["replicas"] == 2 and seen["fit_sample"] == 123
