@@ -268,7 +268,7 @@ def remove_artefacts(export_dir: str) -> list:
 # deny-list (ReadFile, WriteFile, PrintV2, as `saved_model_cli scan`) misses the ops it did
 # not think of. The only ones that touch files are the checkpoint's own (CHECKPOINT_IO_OPS,
 # reading and writing the SavedModel's variables/; ShardedFilename and StringJoin only build
-# its file names).
+# its file names), and those only inside the saver's functions (misplaced_checkpoint_ops).
 CHECKPOINT_IO_OPS = frozenset({"SaveV2", "RestoreV2", "MergeV2Checkpoints"})
 ALLOWED_OPS = CHECKPOINT_IO_OPS | frozenset({
     # variables and resources
@@ -296,9 +296,8 @@ TRUST_HINT = ("pass --trust_model (trust=True in Python) only if you know where 
               "comes from")
 
 
-def graph_ops(path: str) -> dict:
-  """{op type: count} over a SavedModel's graphs and every function of their libraries, read
-  from saved_model.pb with the protobuf classes: nothing of the model is loaded or run."""
+def _saved_model(path: str):
+  """saved_model.pb of `path`, parsed with the protobuf classes (nothing loaded or run)."""
   from google.protobuf import message
   from tensorflow.core.protobuf import saved_model_pb2
   sm = saved_model_pb2.SavedModel()
@@ -308,8 +307,14 @@ def graph_ops(path: str) -> dict:
   except message.DecodeError as e:
     raise ExportError(f"cannot load SavedModel at {path}: saved_model.pb does not parse "
                       f"({e})") from None
+  return sm
+
+
+def graph_ops(path: str) -> dict:
+  """{op type: count} over a SavedModel's graphs and every function of their libraries, read
+  from saved_model.pb with the protobuf classes: nothing of the model is loaded or run."""
   found: dict[str, int] = {}
-  for meta in sm.meta_graphs:
+  for meta in _saved_model(path).meta_graphs:
     nodes = list(meta.graph_def.node)
     for fn in meta.graph_def.library.function:
       nodes += list(fn.node_def)
@@ -318,10 +323,93 @@ def graph_ops(path: str) -> dict:
   return found
 
 
+# Where the checkpoint's file ops may be: SaveV2 and MergeV2Checkpoints in what the saver's
+# save op calls (no loader runs it), RestoreV2 in what its restore op calls (every load runs it).
+_SAVER_OPS = {"save": frozenset({"SaveV2", "MergeV2Checkpoints"}),
+              "restore": frozenset({"RestoreV2"})}
+
+
+def _callees(node, library) -> set:
+  """The library functions a node calls: its op when that names one, and every function
+  attribute (StatefulPartitionedCall's f, If's branches, While's cond and body, ...)."""
+  names = {node.op} & library.keys()
+  for attr in node.attr.values():
+    if attr.func.name:
+      names.add(attr.func.name)
+    names.update(f.name for f in attr.list.func)
+  return names
+
+
+def _reachable(roots, library) -> set:
+  seen, todo = set(), list(roots)
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in library:
+      continue
+    seen.add(name)
+    for node in library[name].node_def:
+      todo.extend(_callees(node, library))
+  return seen
+
+
+def misplaced_checkpoint_ops(path: str) -> dict:
+  """{"OP in FUNCTION (…)": count} for each checkpoint file op (CHECKPOINT_IO_OPS) outside
+  the part of the saver it belongs to ({} for our exports). A SavedModel's saver_def names a
+  save node and a restore node of its graph; the functions they call, and only those, may hold
+  SaveV2 / MergeV2Checkpoints (save) and RestoreV2 (restore). A serving function, a resource
+  initializer or the restore function that writes or moves checkpoint files on a path of its
+  choosing is refused, as is a saver function that something else also calls, or a signature
+  that is the saver's node. Found by walking the call graph in saved_model.pb."""
+  found: dict[str, int] = {}
+
+  def flag(what):
+    found[what] = found.get(what, 0) + 1
+
+  for meta in _saved_model(path).meta_graphs:
+    graph = meta.graph_def
+    library = {f.signature.name: f for f in graph.library.function}
+    nodes = {n.name: n for n in graph.node}
+    saver_nodes = {part: getattr(meta.saver_def, field).split(":")[0]
+                   for part, field in (("save", "save_tensor_name"),
+                                       ("restore", "restore_op_name"))}
+    part_of = {}     # function -> the saver part(s) whose node reaches it
+    for part, name in saver_nodes.items():
+      if name in nodes:
+        for fn in _reachable(_callees(nodes[name], library), library):
+          part_of.setdefault(fn, set()).add(part)
+    # Everything else that can run: the other graph nodes, the object graph's functions, and
+    # any function outside the saver's (a caller of a saver function is caught this way).
+    roots = set(meta.object_graph_def.concrete_functions) | (library.keys() - part_of.keys())
+    for node in graph.node:
+      if node.name not in saver_nodes.values():
+        roots |= _callees(node, library)
+    others = _reachable(roots, library)
+    for fn in sorted(part_of.keys() & others):
+      flag(f"the saver's {'/'.join(sorted(part_of[fn]))} function {fn} called from elsewhere")
+    for sig_name, sig in meta.signature_def.items():
+      tensors = [t.name for t in list(sig.inputs.values()) + list(sig.outputs.values())]
+      if any(t.split(":")[0] in saver_nodes.values() for t in tensors if t):
+        flag(f"signature {sig_name} is the saver's node")
+    for node in graph.node:
+      if node.op in CHECKPOINT_IO_OPS:
+        flag(f"{node.op} in the main graph")
+    for name, fn in library.items():
+      for node in fn.node_def:
+        if node.op not in CHECKPOINT_IO_OPS:
+          continue
+        parts = part_of.get(name, set())
+        if len(parts) != 1 or node.op not in _SAVER_OPS[next(iter(parts))]:
+          where = f"the saver's {'/'.join(sorted(parts))} function" if parts else "a function"
+          flag(f"{node.op} in {where} {name}")
+  return dict(sorted(found.items()))
+
+
 def scan_ops(path: str) -> dict:
-  """{op type: count} of the ops of a SavedModel that are not in `ALLOWED_OPS` ({} for our
-  exports)."""
-  return {op: n for op, n in sorted(graph_ops(path).items()) if op not in ALLOWED_OPS}
+  """{op type: count} of the ops of a SavedModel that are not in `ALLOWED_OPS`, and {"OP in
+  FUNCTION": count} of the checkpoint's file ops where ours do not have them
+  (`misplaced_checkpoint_ops`): {} for our exports."""
+  bad = {op: n for op, n in sorted(graph_ops(path).items()) if op not in ALLOWED_OPS}
+  return {**bad, **misplaced_checkpoint_ops(path)}
 
 
 def check_model(path: str, trust: bool = False, require_card: bool = True) -> None:
@@ -331,10 +419,9 @@ def check_model(path: str, trust: bool = False, require_card: bool = True) -> No
   `ALLOWED_OPS`. `trust` accepts such a model (a warning names what was found). The card
   proves only that the files are the ones it describes, not who wrote them: both sit in the
   same folder, so a forged model comes with a forged card; the op scan is what keeps a model
-  from reading or writing files through ReadFile, WriteFile and the like. Not yet closed: the
-  checkpoint ops (SaveV2, RestoreV2, MergeV2Checkpoints) are allowed in every function, so a
-  crafted serving function could call them on a path of its choosing (write or move
-  checkpoint files); refusing them outside the saver's own functions needs the call graph."""
+  from reading or writing files through ReadFile, WriteFile and the like, and keeps the
+  checkpoint's own file ops (SaveV2, RestoreV2, MergeV2Checkpoints) inside the saver's save
+  and restore functions (`misplaced_checkpoint_ops`)."""
   path = path.rstrip("/") or path
   folder = os.path.dirname(path) or "."
   problems = []
@@ -366,8 +453,9 @@ def check_model(path: str, trust: bool = False, require_card: bool = True) -> No
       bad = {}     # saved_model.pb changed and does not parse: the checksum names it
     if bad:
       ops = ", ".join(f"{op} (x{n})" for op, n in bad.items())
-      problems.append(f"{path} holds ops that no dc_tf export has: {ops} (an op outside "
-                      "export.ALLOWED_OPS may read or write files, even while it loads)")
+      problems.append(f"{path} holds ops that no dc_tf export has, or has only in its saver: "
+                      f"{ops} (an op outside export.ALLOWED_OPS, or a checkpoint op outside "
+                      "the saver, may read, write or move files, even while it loads)")
   if not problems:
     return
   if trust:

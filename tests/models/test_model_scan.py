@@ -245,3 +245,84 @@ def test_commands_refuse_a_crafted_model_in_one_line(crafted, embedded, entry, t
   assert "WriteFile" in errors[0] and d in errors[0] and "--trust_model" in errors[0]
   assert "Traceback" not in r.stderr
   assert not os.path.exists(crafted["written"])
+
+
+class _MovesCheckpointAtLoad(tf.saved_model.experimental.TrackableResource):
+  """A resource whose initializer (run by `tf.saved_model.load`) merges a checkpoint of the
+  victim's into `dest` and deletes the victim's files: the checkpoint's own op, used outside
+  the saver."""
+
+  def __init__(self, victim, dest):
+    self._victim, self._dest = victim, dest
+    super().__init__()
+
+  def _create_resource(self):
+    return tf.raw_ops.VarHandleOp(dtype=tf.int32, shape=[])
+
+  def _initialize(self):
+    with tf.control_dependencies([tf.raw_ops.MergeV2Checkpoints(
+        checkpoint_prefixes=[self._victim], destination_prefix=self._dest,
+        delete_old_dirs=True)]):
+      tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=tf.constant(1))
+
+
+class _MovesFiles(tf.Module):
+  def __init__(self, victim, dest):
+    super().__init__()
+    self.hook = _MovesCheckpointAtLoad(victim, dest)
+    self.count = tf.Variable(0)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+  def serve(self, image_bytes):   # stateful, so called as ours are (StatefulPartitionedCall)
+    return {"probe_fc7": tf.identity(image_bytes), "count": self.count.read_value()}
+
+
+def test_checkpoint_ops_outside_the_saver_are_refused(tiny_export, tmp_path):
+  """Every op of a model that moves files with MergeV2Checkpoints while it loads is in
+  ALLOWED_OPS (the checkpoint needs it); the call graph is what tells it from ours: the op sits
+  in a resource initializer, not in the saver's save function. Also refused: MergeV2Checkpoints
+  planted in the saver's restore function (which every load runs), and a serving function that
+  calls the saver's save function."""
+  victim = str(tmp_path / "victim" / "ckpt")
+  tf.train.Checkpoint(v=tf.Variable(3.0)).write(victim)
+  module = _MovesFiles(victim, str(tmp_path / "moved"))
+  crafted = str(tmp_path / "crafted" / "serving")
+  tf.saved_model.save(module, crafted,
+                      signatures={"serving_default": module.serve.get_concrete_function()})
+  with open(os.path.join(os.path.dirname(crafted), export.CARD_FILE), "w") as f:
+    json.dump({"sha256": {"serving": export._dir_sha256(crafted)}}, f)  # noqa: SLF001 - forged
+  assert set(export.graph_ops(crafted)) <= export.ALLOWED_OPS     # the op list alone passes it
+  bad = export.scan_ops(crafted)
+  assert [k for k in bad if k.startswith("MergeV2Checkpoints in a function ")], bad
+  with pytest.raises(export.ExportError, match="MergeV2Checkpoints in a function") as e:
+    export.load(os.path.dirname(crafted))
+  assert "--trust_model" in str(e.value) and "\n" not in str(e.value)
+  assert os.path.exists(victim + ".index") and not os.path.exists(str(tmp_path / "moved.index"))
+  # Control: loaded without the check, it moves the victim's checkpoint while loading.
+  tf.saved_model.load(crafted)
+  assert os.path.exists(str(tmp_path / "moved.index")) and not os.path.exists(victim + ".index")
+
+  # Our export, edited in saved_model.pb only.
+  from tensorflow.core.protobuf import saved_model_pb2
+  ours = os.path.join(tiny_export, "serving")
+  assert export.misplaced_checkpoint_ops(ours) == {}
+  for edit, expected in (("restore merges", "MergeV2Checkpoints in the saver's restore function"),
+                         ("serving saves", "the saver's save function")):
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(ours, "saved_model.pb"), "rb") as f:
+      sm.ParseFromString(f.read())
+    graph = sm.meta_graphs[0].graph_def
+    fns = {f.signature.name: f for f in graph.library.function}
+    save_fn = next(n for n in fns if "traced_save" in n)
+    if edit == "restore merges":
+      fn = fns[next(n for n in fns if "traced_restore" in n)]
+      fn.node_def.add(name="planted", op="MergeV2Checkpoints")
+    else:
+      fn = fns[next(n for n in fns if "signature_wrapper" in n)]
+      fn.node_def.add(name="planted", op="StatefulPartitionedCall").attr["f"].func.name = save_fn
+    edited = str(tmp_path / edit.replace(" ", "_"))
+    shutil.copytree(ours, edited)
+    with open(os.path.join(edited, "saved_model.pb"), "wb") as f:
+      f.write(sm.SerializeToString())
+    bad = export.misplaced_checkpoint_ops(edited)
+    assert any(expected in k for k in bad), (edit, bad)
