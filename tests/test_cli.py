@@ -159,6 +159,51 @@ def test_the_tiny200_preset_is_the_demo_recipe_with_what_its_comment_says():
           f"--epoch_size={4 * int(tiny['epoch_size'])}") in comment
 
 
+def test_the_continuation_preset_is_the_demo_recipe_started_from_a_trunk():
+  """flags/continuation.cfg (issue 39): the demo's recipe, with the clustering from epoch 0 of
+  a trunk that --init_checkpoint must give, and the pool's size pinned so that the small Fig. 3's
+  quarter and half pools train the same steps; benchmarks/continuation.py's DeepCluster arm
+  draws 4x the images an epoch, so it too trains the same steps."""
+  demo, _ = preset("demo.cfg")
+  cont, comment = preset("continuation.cfg")
+  changed = {k for k in demo.keys() | cont.keys() if demo.get(k) != cont.get(k)}
+  assert changed == {"model_dir", "rotnet_warmup_epochs", "require_init_checkpoint",
+                     "epoch_size"}
+  assert cont["rotnet_warmup_epochs"] == "0" and cont["require_init_checkpoint"] == "true"
+  steps = int(cont["epoch_size"]) * 4 // int(cont["batch_per_replica"]) * int(cont["epochs"])
+  assert f"{steps:,} steps" in comment
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import continuation
+  assert f"--epoch_size={4 * int(cont['epoch_size'])}" in continuation.ARMS["deepcluster"]
+  assert f"--k={int(cont['m']) * int(cont['k'])}" in continuation.ARMS["deepcluster"]
+
+
+def test_continuation_pairs_arms_by_seed_and_says_beyond_the_spread():
+  """benchmarks/continuation.py's paired difference: arm minus arm of the same seed, its mean
+  and standard error over seeds; 'beyond' only when the mean exceeds twice the SE."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import continuation
+  layers = continuation.LAYERS
+
+  def scored(v):
+    return {"top1": {l: v for l in layers}}
+
+  pieces = {}
+  for s, (a, b) in enumerate([(10.0, 8.0), (11.0, 8.5), (9.0, 7.5)]):   # a - b: 2, 2.5, 1.5
+    pieces[f"score deepercluster-s{s} selection"] = scored(a)
+    pieces[f"score rotnet-s{s} selection"] = scored(b)
+  d = continuation.paired({"pieces": pieces}, "deepercluster", "rotnet", [0, 1, 2], "selection")
+  assert d[layers[0]]["mean"] == pytest.approx(2.0)
+  assert d[layers[0]]["se"] == pytest.approx(0.5 / 3 ** 0.5)
+  assert d[layers[0]]["beyond"] and d[layers[0]]["n"] == 3
+  pieces["score rotnet-s2 selection"] = scored(9.0 + 6.0)    # now 2, 2.5, -6: mean -0.5
+  d = continuation.paired({"pieces": pieces}, "deepercluster", "rotnet", [0, 1, 2], "selection")
+  assert d[layers[0]]["mean"] == pytest.approx(-0.5) and not d[layers[0]]["beyond"]
+  del pieces["score rotnet-s2 selection"]                     # a seed missing: not paired
+  d = continuation.paired({"pieces": pieces}, "deepercluster", "rotnet", [0, 1, 2], "selection")
+  assert d[layers[0]]["n"] == 2 and d[layers[0]]["mean"] == pytest.approx(2.25)
+
+
 def test_tensorflow_import_lines_are_filtered_and_other_stderr_kept():
   """cli._TensorFlowImportedQuietly: TF builds that print their oneDNN INFO notes whatever
   TF_CPP_MIN_LOG_LEVEL says (tensorflow-cpu 2.21.0 on some machines) still start quietly, and
