@@ -246,9 +246,12 @@ def test_the_cap_fits_the_released_files_and_refuses_a_valid_file_larger_than_it
   torch.save({"state_dict": {"a": torch.randn(1000), "b": torch.randn(3000)}}, path)
   with zipfile.ZipFile(path) as z:
     pkl = [i.file_size for i in z.infolist() if i.filename.endswith("data.pkl")][0]
-  # the reader's whole charge: the pickle at PICKLE_EXPANSION bytes a byte, both storages
-  # (the tensors are contiguous: views, not copies)
-  needed = pkl * torch_pickle.PICKLE_EXPANSION + 4 * (1000 + 3000)
+  # the reader's whole charge: the zip's central directory, the pickle at PICKLE_EXPANSION
+  # bytes a byte, both storages (the tensors are contiguous: views, not copies)
+  with open(path, "rb") as f:
+    directory = torch_pickle._central_directory_bytes(f)  # noqa: SLF001
+  assert 0 < directory < 10_000     # a few members: small beside the storages
+  needed = directory + pkl * torch_pickle.PICKLE_EXPANSION + 4 * (1000 + 3000)
   assert torch_pickle.load(str(path), needed)["state_dict"]["b"].shape == (3000,)
   # a's 4,000 bytes fit; b's 12,000 are one byte over what is left
   refused(path, r"storage \d+ \(its declared uncompressed size\) takes 12,000 bytes, past the "
@@ -407,6 +410,20 @@ def test_a_huge_memo_index_costs_nothing(tmp_path):
   finally:
     tracemalloc.stop()
   assert top < SMALL_PEAK, top
+
+
+def test_a_zip_of_many_entries_is_charged_for_its_directory_before_it_opens(tmp_path):
+  """150,000 empty members beside a valid data.pkl: zipfile would build a ZipInfo for each
+  (~90 MB) before any member is read. The central directory's size is charged first, from the
+  end record, so it is refused within the small-case peak."""
+  path = tmp_path / "entries.pth"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+    for i in range(150_000):
+      z.writestr(f"archive/x/{i}", b"")
+  message = refused(path, "central directory")
+  assert "--max_load_bytes" in message
+  assert torch_pickle.load(str(path), 1 << 30) == {}      # under a cap that holds it: read
 
 
 def test_pickled_code_is_refused_in_both_containers(tmp_path):
