@@ -233,10 +233,13 @@ def save_assignments(model_dir: str, epoch: int, image_ids: np.ndarray, labels: 
   tf.io.gfile.makedirs(folder)
   image_ids = np.asarray(image_ids, np.int64)
   shared = os.path.join(folder, "ids.npy")
+  own = os.path.join(folder, f"ids-{epoch}.npy")
   if not tf.io.gfile.exists(shared):
     _save_npy(shared, image_ids)
-  elif not np.array_equal(_load_npy(shared), image_ids):   # records dropped or added
-    _save_npy(os.path.join(folder, f"ids-{epoch}.npy"), image_ids)
+  if not np.array_equal(_load_npy(shared), image_ids):   # records dropped or added
+    _save_npy(own, image_ids)
+  elif tf.io.gfile.exists(own):   # left by an earlier try at this epoch, whose ids differed
+    tf.io.gfile.remove(own)
   _save_npy(os.path.join(folder, f"table-{epoch}.npy"), np.asarray(labels, np.int32))
   epochs = assignment_epochs(model_dir)
   for old in epochs[:-keep] if keep else []:

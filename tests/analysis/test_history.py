@@ -35,6 +35,12 @@ def test_tables_are_kept_pruned_and_read_back(tmp_path):
   checkpointing.save_assignments(str(tmp_path), 9, fewer, np.zeros(len(fewer), np.int32))
   np.testing.assert_array_equal(checkpointing.load_assignments(str(tmp_path), 9)[0], fewer)
   np.testing.assert_array_equal(checkpointing.load_assignments(str(tmp_path), 6)[0], ids)
+  # epoch 9 again (a resumed run redoing it), now over the shared ids: its old own ids go
+  checkpointing.save_assignments(str(tmp_path), 9, ids, np.ones(len(ids), np.int32))
+  got_ids, got = checkpointing.load_assignments(str(tmp_path), 9)
+  np.testing.assert_array_equal(got_ids, ids)
+  np.testing.assert_array_equal(got, np.ones(len(ids), np.int32))
+  assert not os.path.exists(tmp_path / "assignments" / "ids-9.npy")
 
 
 def test_a_training_run_keeps_every_reassignments_table(clean_run):
