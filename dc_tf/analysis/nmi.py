@@ -120,7 +120,11 @@ def kept_tables(run_dir: str) -> list[Table]:
       continue
     own = os.path.join(folder, f"ids-{e}.npy")
     ids = np.load(own if os.path.exists(own) else os.path.join(folder, "ids.npy"), mmap_mode="r")
-    tables.append(Table(e, ids, np.load(os.path.join(folder, f"table-{e}.npy"), mmap_mode="r")))
+    path = os.path.join(folder, f"table-{e}.npy")
+    labels = np.load(path, mmap_mode="r")
+    if len(ids) != len(labels):      # as load_assignments refuses it
+      raise checkpointing.CheckpointError(f"{path} has {len(labels)} rows, its ids {len(ids)}")
+    tables.append(Table(e, ids, labels))
   return tables
 
 

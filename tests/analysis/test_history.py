@@ -74,3 +74,15 @@ def test_a_resumed_run_writes_a_lost_table_and_rewrites_none(clean_run, tmp_path
   trainer.Trainer(config, tf.distribute.get_strategy()).restore()
   np.testing.assert_array_equal(np.load(newest), want)
   assert os.stat(older).st_mtime == 1            # the kept one untouched
+
+
+def test_nmi_refuses_a_table_whose_ids_do_not_match_its_rows(tmp_path):
+  """`python -m dc_tf.analysis nmi` memory-maps local tables; one whose row count is not its
+  ids' is refused with the file named, as load_assignments refuses it."""
+  from dc_tf.analysis import nmi
+  ids = np.arange(20, dtype=np.int64)
+  checkpointing.save_assignments(str(tmp_path), 0, ids, np.zeros(len(ids), np.int32))
+  assert len(nmi.kept_tables(str(tmp_path))[0].labels) == 20
+  np.save(tmp_path / "assignments" / "table-0.npy", np.zeros(19, np.int32))   # cut short
+  with pytest.raises(checkpointing.CheckpointError, match=r"table-0\.npy has 19 rows, its ids 20"):
+    nmi.kept_tables(str(tmp_path))
