@@ -111,7 +111,8 @@ class _Storage:
     if dtype == "bfloat16":
       if budget is not None:
         budget.charge(2 * len(data), "a bfloat16 storage widened to float32")
-      bits = np.frombuffer(data, ">u2" if big_endian else "<u2").astype(np.uint32) << 16
+      bits = np.frombuffer(data, ">u2" if big_endian else "<u2").astype(np.uint32)
+      bits <<= 16      # in place: the widened copy is the only one (what was charged)
       self.array = bits.view(np.float32)
     else:
       self.array = np.frombuffer(data, np.dtype(dtype).newbyteorder(">" if big_endian else "<"))

@@ -426,6 +426,27 @@ def test_a_zip_of_many_entries_is_charged_for_its_directory_before_it_opens(tmp_
   assert torch_pickle.load(str(path), 1 << 30) == {}      # under a cap that holds it: read
 
 
+def test_a_bfloat16_storage_is_widened_as_torch_does_within_its_charge(tmp_path):
+  """A bfloat16 storage of 2 MiB is read (2 MiB, charged) and widened to float32 (4 MiB,
+  charged): torch's own float() values, a peak within the 6 MiB charged (the shift was once a
+  second 4 MiB copy), and refused under a 6 MiB cap (the pickle and the zip's directory are
+  charged too, so the widening is what no longer fits)."""
+  n = 1 << 20
+  t = (torch.arange(n, dtype=torch.float32) / 7).to(torch.bfloat16)
+  path = tmp_path / "bf16.pth"
+  torch.save({"w": t}, path)
+  tracemalloc.start()
+  try:
+    got = torch_pickle.load(str(path))["w"]
+    _, top = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert got.dtype == np.float32 and np.array_equal(got, t.float().numpy())
+  assert top < 6 * MB + MB // 4, top
+  message = refused(path, "bfloat16 storage widened to float32", max_bytes=6 * MB)
+  assert "past the load cap" in message
+
+
 def test_pickled_code_is_refused_in_both_containers(tmp_path):
   marker = tmp_path / "ran"
 
