@@ -38,6 +38,9 @@ from dc_tf.training import optim, stopping
 from dc_tf.training.losses import cross_entropy_sum
 
 STATE_FILE = "finetune.json"
+# What a resumed run must have as it started: config field -> its flag.
+_FIXED_AT_START = {"train_pattern": "--train_pattern", "val_pattern": "--val_pattern",
+                   "source": "--from", "num_classes": "--num_classes"}
 TRAIN_METRICS = ("loss", "correct")
 VAL_METRICS = ("count", "loss", "correct1", "correct5")
 
@@ -66,6 +69,7 @@ class Finetuner:
     ckpt_dir = os.path.join(c.output_dir, "ckpt")
     latest = tf.train.latest_checkpoint(ckpt_dir) if tf.io.gfile.isdir(ckpt_dir) else None
     state = self._read_state() if latest else {}
+    self._check_same_run(state)
     self.train_counts = self._counts("train", c.train_pattern, state)
     self.val_counts = self._counts("val", c.val_pattern, state)
     self.num_classes = c.num_classes or self.train_counts.max_label + 1
@@ -105,7 +109,7 @@ class Finetuner:
                      else self._logits)
     self._train_loop, self._val_loop = self._make_train_loop(), self._make_val_loop()
     self.resumed = self._restore(latest)
-    if self.is_chief:
+    if self.is_chief and not state:     # fixed at the first start (or a run without one)
       self._write_state()
     self.history: list[dict] = []
 
@@ -116,6 +120,18 @@ class Finetuner:
       return {}
     with tf.io.gfile.GFile(path) as f:
       return json.load(f)
+
+  def _check_same_run(self, state: dict) -> None:
+    """A resumed run keeps the data, source and classes it started with (finetune.json):
+    other shards would silently change its epoch, labels and step count."""
+    saved = state.get("config", {})
+    for key, flag in _FIXED_AT_START.items():
+      now = getattr(self.config, key)
+      if key in saved and saved[key] != now:
+        raise UserError(
+            f"{os.path.join(self.config.output_dir, STATE_FILE)}: this run started with "
+            f"{flag}={saved[key]!r}, not {now!r}; resuming it with another would change its "
+            f"epoch and labels: pass the same {flag}, or a new --output_dir")
 
   def _counts(self, which: str, pattern: str, state: dict) -> data.LabelCounts:
     """The label counts saved at the first start (the epoch stays what it was), else counted."""

@@ -197,6 +197,27 @@ def test_a_trained_trunk_is_ahead_of_random_init(tiny_shards, tmp_path):
   assert trained["val_top1"] > random["val_top1"], (trained, random)
 
 
+def test_a_resume_with_other_shards_is_refused_and_the_state_file_kept(tiny_shards, tmp_path):
+  """finetune.json is written at the first start; a resume keeps it as it is, and one with
+  another --val_pattern (or --train_pattern, --from, --num_classes) is refused with the file
+  and the flag named, before anything is counted or restored."""
+  f = run.Finetuner(tiny_config(tiny_shards, tmp_path / "o", max_steps=2),
+                    tf.distribute.get_strategy())
+  f.fit()
+  state = tmp_path / "o" / run.STATE_FILE
+  first = state.read_text()
+  again = run.Finetuner(tiny_config(tiny_shards, tmp_path / "o", max_steps=3),
+                        tf.distribute.get_strategy())
+  assert again.resumed and state.read_text() == first     # max_steps differs: not rewritten
+  train, _ = patterns(tiny_shards)
+  with pytest.raises(UserError, match=r"finetune.json: this run started with --val_pattern=.*"
+                                      r"a new --output_dir"):
+    config = tiny_config(tiny_shards, tmp_path / "o")
+    run.Finetuner(FinetuneConfig(**{**config.__dict__, "val_pattern": train}),
+                  tf.distribute.get_strategy())
+  assert state.read_text() == first
+
+
 def test_missing_source_is_one_clear_error(tiny_shards, tmp_path):
   with pytest.raises(UserError, match=r"--from=.*nothere: no such file or directory"):
     run.Finetuner(tiny_config(tiny_shards, tmp_path / "o", source=str(tmp_path / "nothere")),
