@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 
 from absl import app, flags
 
@@ -223,32 +222,67 @@ _CXX_LOG_LINE = re.compile(r"^[IW]\d{4} [\d:.]+\s+\d+ \S+\.(cc|h):\d+\]|"
 
 
 class _TensorFlowImportedQuietly(_AroundImport):
-  """While `tensorflow` itself is imported, file descriptor 2 goes to a temporary file, and
-  what TF wrote there comes back to stderr without its C++ INFO and WARNING lines (the
+  """While `tensorflow` itself is imported, file descriptor 2 is a pipe to a forked filter
+  that passes on to stderr, line by line, all but TF's C++ INFO and WARNING lines (the
   "oneDNN custom operations are on" notes and absl's InitializeLog warning). Some TF builds
   print these whatever TF_CPP_MIN_LOG_LEVEL says (tensorflow-cpu 2.21.0 on this project's CI
   machines), so the variable alone does not hide them. Errors and anything else TF prints
-  are kept; lines logged later, while training, are not touched."""
+  are kept, and a fatal abort inside the import (a missing library, an unsupported CPU) still
+  shows its message: the filter outlives the importer and drains the pipe. Lines logged later,
+  while training, are not touched. Without os.fork, the import is left as it is."""
 
   def wants(self, name):
     return name == "tensorflow"
 
   def around(self, run_module, module):
+    if not hasattr(os, "fork"):
+      return run_module(module)
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-      os.dup2(captured.fileno(), 2)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:     # the filter; its fd 2 is the real stderr
       try:
-        run_module(module)
+        os.close(write_end)
+        _forward_filtered(read_end, 2)
       finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        captured.seek(0)
-        kept = [l for l in captured.read().decode(errors="replace").splitlines()
-                if not _CXX_LOG_LINE.search(l)]
-        if kept:
-          print("\n".join(kept), file=sys.stderr)
+        os._exit(0)
+    os.close(read_end)
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+      run_module(module)
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)        # the pipe's last write end is gone: the filter drains and ends
+      os.close(saved)
+      _reap(pid)
+
+
+def _forward_filtered(read_end: int, out: int) -> None:
+  """Copies lines from `read_end` to `out` until end of file, dropping `_CXX_LOG_LINE`s."""
+  pending = b""
+  while chunk := os.read(read_end, 65536):
+    *lines, pending = (pending + chunk).split(b"\n")
+    kept = [l for l in lines if not _CXX_LOG_LINE.search(l.decode(errors="replace"))]
+    if kept:
+      os.write(out, b"\n".join(kept) + b"\n")
+  if pending and not _CXX_LOG_LINE.search(pending.decode(errors="replace")):
+    os.write(out, pending + b"\n")
+
+
+def _reap(pid: int, seconds: float = 5.0) -> None:
+  """Waits for the filter; one still running after `seconds` (a process started during the
+  import holds the pipe open) is killed rather than waited on for ever."""
+  import signal
+  import time
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+      return
+    time.sleep(0.005)
+  os.kill(pid, signal.SIGKILL)
+  os.waitpid(pid, 0)
 
 
 class _NotBeamWarnings(logging.Filter):

@@ -225,6 +225,27 @@ def test_tensorflow_import_lines_are_filtered_and_other_stderr_kept():
   assert out.stderr.splitlines()[-1] == "after"
 
 
+def test_a_fatal_abort_inside_the_tensorflow_import_keeps_its_message(tmp_path):
+  """A `tensorflow` that dies in its import (as a missing library or an unsupported CPU makes
+  the real one abort) still shows what it wrote, filtered: the forked filter drains the pipe
+  after the importer is gone. With the captured-to-a-file stderr of before, nothing showed."""
+  fake = tmp_path / "fake" / "tensorflow"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text(
+      "import os\n"
+      "os.write(2, b'I0000 00:00:1796214003.730120   18401 port.cc:153] oneDNN on\\n')\n"
+      "os.write(2, b'F0000 fatal: libcudart.so.12 not found\\nno newline at the end')\n"
+      "os.abort()\n")
+  code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'fake')!r}); from dc_tf import cli; "
+          "sys.meta_path.insert(0, cli._TensorFlowImportedQuietly()); import tensorflow")
+  import runs
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=runs.user_env(),
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode != 0
+  assert "F0000 fatal: libcudart.so.12 not found" in out.stderr, out.stderr
+  assert "no newline at the end" in out.stderr and "port.cc" not in out.stderr, out.stderr
+
+
 def test_verbosity_is_read_from_the_command_line_before_the_flags_are_parsed():
   """cli.quiet_start runs while `python -m dc_tf.<command>` is located, before absl parses
   anything: it reads --verbosity (or -v) itself, in each spelling absl accepts."""
