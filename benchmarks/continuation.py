@@ -143,12 +143,16 @@ class Study:
     name = f"score {'random-s%d' % seed if baseline == 'random' else run} {view}"
     return self.piece(name, MINUTES_A_SCORING[view], go)
 
-  def seed(self, seed):
+  def start(self, seed) -> str:
+    """The seed's RotNet start (trained once) and its random twin's scores: the init flag."""
     start = f"start-s{seed}"
     self.train(start, seed, ["--mode=rotnet", "--require_init_checkpoint=false"])
     for view in VIEWS:
       self.score(start, seed, view, baseline="random")
-    init = f"--init_checkpoint={os.path.join(self.args.out, start)}"
+    return f"--init_checkpoint={os.path.join(self.args.out, start)}"
+
+  def seed(self, seed):
+    start, init = f"start-s{seed}", self.start(seed)
     for arm in self.args.arms.split(","):
       self.train(f"{arm}-s{seed}", seed, [init, *ARMS[arm]])
       for view in VIEWS:
@@ -157,7 +161,7 @@ class Study:
       self.score(start, seed, view)
 
   def fig3(self):
-    init = f"--init_checkpoint={os.path.join(self.args.out, 'start-s0')}"
+    init = self.start(0)
     for name, extra in FIG3.items():
       run = "fig3-" + name.replace(" ", "").replace("/", "of")
       self.train(run, 0, [init, *extra])
@@ -329,6 +333,8 @@ def main():
   p.add_argument("--table", action="store_true", help="only rewrite the table from the JSON")
   p.add_argument("--out", default=os.path.join(ROOT, "runs", "continuation"))
   args = p.parse_args()
+  if not all(s.strip().isdigit() for s in args.seeds.split(",")):
+    raise SystemExit(f"--seeds: comma-separated integers >= 0, got {args.seeds!r}")
   if set(args.arms.split(",")) - set(ARMS):
     raise SystemExit(f"--arms: unknown {sorted(set(args.arms.split(',')) - set(ARMS))}; "
                      f"known {list(ARMS)}")
