@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 from absl import app, flags
 
@@ -239,7 +240,9 @@ class _TensorFlowImportedQuietly(_AroundImport):
       return run_module(module)
     sys.stderr.flush()
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():   # 3.12+ warns of fork beside threads: the filter
+      warnings.simplefilter("ignore", DeprecationWarning)   # takes no lock
+      pid = os.fork()
     if pid == 0:     # the filter; its fd 2 is the real stderr
       try:
         os.close(write_end)
@@ -266,9 +269,20 @@ def _forward_filtered(read_end: int, out: int) -> None:
     *lines, pending = (pending + chunk).split(b"\n")
     kept = [l for l in lines if not _CXX_LOG_LINE.search(l.decode(errors="replace"))]
     if kept:
-      os.write(out, b"\n".join(kept) + b"\n")
+      _write_all(out, b"\n".join(kept) + b"\n")
   if pending and not _CXX_LOG_LINE.search(pending.decode(errors="replace")):
-    os.write(out, pending + b"\n")
+    _write_all(out, pending + b"\n")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+  """os.write until all of `data` is written (a pipe or terminal may take part of it)."""
+  view = memoryview(data)
+  while view:
+    try:
+      view = view[os.write(fd, view):]
+    except BlockingIOError:     # a non-blocking stderr that is full: wait for room
+      import select
+      select.select([], [fd], [], 1.0)
 
 
 def _reap(pid: int, seconds: float = 5.0) -> None:
@@ -277,12 +291,15 @@ def _reap(pid: int, seconds: float = 5.0) -> None:
   import signal
   import time
   deadline = time.monotonic() + seconds
-  while time.monotonic() < deadline:
-    if os.waitpid(pid, os.WNOHANG)[0]:
-      return
-    time.sleep(0.005)
-  os.kill(pid, signal.SIGKILL)
-  os.waitpid(pid, 0)
+  try:
+    while time.monotonic() < deadline:
+      if os.waitpid(pid, os.WNOHANG)[0]:
+        return
+      time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+  except (ChildProcessError, ProcessLookupError):   # SIGCHLD ignored: reaped already
+    pass
 
 
 class _NotBeamWarnings(logging.Filter):

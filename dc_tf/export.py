@@ -331,12 +331,32 @@ _SAVER_OPS = {"save": frozenset({"SaveV2", "MergeV2Checkpoints"}),
 
 def _callees(node, library) -> set:
   """The library functions a node calls: its op when that names one, and every function
-  attribute (StatefulPartitionedCall's f, If's branches, While's cond and body, ...)."""
+  attribute (StatefulPartitionedCall's f, If's branches, While's cond and body, a function
+  handed to another inside a function attribute's own attributes, ...)."""
   names = {node.op} & library.keys()
-  for attr in node.attr.values():
-    if attr.func.name:
-      names.add(attr.func.name)
-    names.update(f.name for f in attr.list.func)
+  todo = list(node.attr.values())
+  while todo:
+    attr = todo.pop()
+    for fn in ([attr.func] if attr.func.name else []) + list(attr.list.func):
+      names.add(fn.name)
+      todo.extend(fn.attr.values())
+  return names
+
+
+def _mentioned_functions(meta) -> set:
+  """Every function the MetaGraph names outside its graph's nodes: the object graph's (each
+  function, bare concrete function and the concrete-function map; the loader runs resource
+  initializers from there) and the gradients of the library."""
+  names = set(meta.object_graph_def.concrete_functions)
+  for obj in meta.object_graph_def.nodes:
+    kind = obj.WhichOneof("kind")
+    if kind == "function":
+      names.update(obj.function.concrete_functions)
+    elif kind == "bare_concrete_function":
+      names.add(obj.bare_concrete_function.concrete_function_name)
+  library = meta.graph_def.library
+  names.update(g.gradient_func for g in library.gradient)
+  names.update(g.gradient_func for g in library.registered_gradients)
   return names
 
 
@@ -358,8 +378,10 @@ def misplaced_checkpoint_ops(path: str) -> dict:
   save node and a restore node of its graph; the functions they call, and only those, may hold
   SaveV2 / MergeV2Checkpoints (save) and RestoreV2 (restore). A serving function, a resource
   initializer or the restore function that writes or moves checkpoint files on a path of its
-  choosing is refused, as is a saver function that something else also calls, or a signature
-  that is the saver's node. Found by walking the call graph in saved_model.pb."""
+  choosing is refused, as is a saver function that something else calls or names (another
+  function, a function attribute's own attributes, the object graph, a gradient), and a graph
+  node, signature or collection that runs a saver node (the init op with ^save as an input).
+  Found by walking the call graph in saved_model.pb."""
   found: dict[str, int] = {}
 
   def flag(what):
@@ -377,12 +399,24 @@ def misplaced_checkpoint_ops(path: str) -> dict:
       if name in nodes:
         for fn in _reachable(_callees(nodes[name], library), library):
           part_of.setdefault(fn, set()).add(part)
-    # Everything else that can run: the other graph nodes, the object graph's functions, and
-    # any function outside the saver's (a caller of a saver function is caught this way).
-    roots = set(meta.object_graph_def.concrete_functions) | (library.keys() - part_of.keys())
+    # Everything else that can run: the other graph nodes, every function the object graph
+    # or the gradients name, and any function outside the saver's (a caller of a saver
+    # function is caught this way).
+    roots = _mentioned_functions(meta) | (library.keys() - part_of.keys())
     for node in graph.node:
       if node.name not in saver_nodes.values():
         roots |= _callees(node, library)
+      # A node fed by a saver node (data or ^control) runs it: the init op, a signature's
+      # output, or one saver node running the other.
+      for source in {i.lstrip("^").split(":")[0] for i in node.input}:
+        for part, name in saver_nodes.items():
+          if source == name and node.name != name:
+            flag(f"graph node {node.name} runs the saver's {part} node")
+    for key, collection in meta.collection_def.items():
+      for value in collection.node_list.value:
+        for part, name in saver_nodes.items():
+          if value.lstrip("^").split(":")[0] == name:
+            flag(f"collection {key} names the saver's {part} node")
     others = _reachable(roots, library)
     for fn in sorted(part_of.keys() & others):
       flag(f"the saver's {'/'.join(sorted(part_of[fn]))} function {fn} called from elsewhere")

@@ -244,6 +244,15 @@ def test_a_fatal_abort_inside_the_tensorflow_import_keeps_its_message(tmp_path):
   assert out.returncode != 0
   assert "F0000 fatal: libcudart.so.12 not found" in out.stderr, out.stderr
   assert "no newline at the end" in out.stderr and "port.cc" not in out.stderr, out.stderr
+  # A parent that ignores SIGCHLD (inherited across exec): the filter is reaped for us, and
+  # the import still succeeds with its lines passed on (found in review).
+  (fake / "__init__.py").write_text("import os\nos.write(2, b'kept line\\n')\n")
+  code = "import signal; signal.signal(signal.SIGCHLD, signal.SIG_IGN); " + code + \
+      "; print('imported')"
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=runs.user_env(),
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0 and out.stdout.strip() == "imported", out.stderr[-2000:]
+  assert out.stderr.strip() == "kept line", out.stderr
 
 
 def test_verbosity_is_read_from_the_command_line_before_the_flags_are_parsed():

@@ -126,12 +126,17 @@ class Finetuner:
     other shards would silently change its epoch, labels and step count."""
     saved = state.get("config", {})
     for key, flag in _FIXED_AT_START.items():
-      now = getattr(self.config, key)
-      if key in saved and saved[key] != now:
+      now, then = getattr(self.config, key), saved.get(key)
+      if key == "source" and isinstance(then, str):   # runs/x and runs/x/ are one run
+        now, then = now.rstrip("/") or now, then.rstrip("/") or then
+      if key == "num_classes":          # 0 means the count the first start found
+        now, then = now or state.get("num_classes"), then or state.get("num_classes")
+      if key in saved and then != now:
         raise UserError(
             f"{os.path.join(self.config.output_dir, STATE_FILE)}: this run started with "
-            f"{flag}={saved[key]!r}, not {now!r}; resuming it with another would change its "
-            f"epoch and labels: pass the same {flag}, or a new --output_dir")
+            f"{flag}={saved[key]!r}, not {getattr(self.config, key)!r}; resuming it with "
+            f"another would change its epoch and labels: pass the same {flag}, or a new "
+            "--output_dir")
 
   def _counts(self, which: str, pattern: str, state: dict) -> data.LabelCounts:
     """The label counts saved at the first start (the epoch stays what it was), else counted."""

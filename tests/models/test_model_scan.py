@@ -306,20 +306,50 @@ def test_checkpoint_ops_outside_the_saver_are_refused(tiny_export, tmp_path):
   from tensorflow.core.protobuf import saved_model_pb2
   ours = os.path.join(tiny_export, "serving")
   assert export.misplaced_checkpoint_ops(ours) == {}
-  for edit, expected in (("restore merges", "MergeV2Checkpoints in the saver's restore function"),
-                         ("serving saves", "the saver's save function")):
+  edits = {
+      "restore merges": "MergeV2Checkpoints in the saver's restore function",
+      "serving saves": "the saver's save function",
+      # a function the save node calls that holds MergeV2Checkpoints (allowed there), but that
+      # the object graph also names, so the loader may run it (found in review)
+      "object graph runs": "called from elsewhere",
+      # the init op with the save node as a control input: loading runs the save (in review)
+      "init op saves": "runs the saver's save node",
+      "saver runs saver": "runs the saver's save node",
+      "nested function attr": "the saver's save function",
+  }
+  for edit, expected in edits.items():
     sm = saved_model_pb2.SavedModel()
     with open(os.path.join(ours, "saved_model.pb"), "rb") as f:
       sm.ParseFromString(f.read())
-    graph = sm.meta_graphs[0].graph_def
+    meta = sm.meta_graphs[0]
+    graph = meta.graph_def
     fns = {f.signature.name: f for f in graph.library.function}
     save_fn = next(n for n in fns if "traced_save" in n)
+    save_node = meta.saver_def.save_tensor_name.split(":")[0]
+    wrapper = fns[next(n for n in fns if "signature_wrapper" in n)]
     if edit == "restore merges":
       fn = fns[next(n for n in fns if "traced_restore" in n)]
       fn.node_def.add(name="planted", op="MergeV2Checkpoints")
-    else:
-      fn = fns[next(n for n in fns if "signature_wrapper" in n)]
-      fn.node_def.add(name="planted", op="StatefulPartitionedCall").attr["f"].func.name = save_fn
+    elif edit == "serving saves":
+      wrapper.node_def.add(name="planted", op="StatefulPartitionedCall").attr["f"].func.name = save_fn
+    elif edit == "object graph runs":
+      planted = graph.library.function.add()
+      planted.signature.name = "__inference_planted_1"
+      planted.node_def.add(name="m", op="MergeV2Checkpoints")
+      fns[save_fn].node_def.add(name="c", op="StatefulPartitionedCall").attr["f"].func.name = (
+          "__inference_planted_1")
+      obj = meta.object_graph_def.nodes.add()
+      obj.bare_concrete_function.concrete_function_name = "__inference_planted_1"
+    elif edit == "init op saves":
+      graph.node.add(name="planted_init", op="NoOp").input.append(f"^{save_node}")
+    elif edit == "saver runs saver":
+      restore = next(n for n in graph.node
+                     if n.name == meta.saver_def.restore_op_name.split(":")[0])
+      restore.input.append(f"^{save_node}")
+    else:   # the save function handed to a call inside another function attribute's attrs
+      call = wrapper.node_def.add(name="planted", op="StatefulPartitionedCall")
+      call.attr["f"].func.name = next(n for n in fns if n != save_fn and "traced" not in n)
+      call.attr["f"].func.attr["inner"].func.name = save_fn
     edited = str(tmp_path / edit.replace(" ", "_"))
     shutil.copytree(ours, edited)
     with open(os.path.join(edited, "saved_model.pb"), "wb") as f:

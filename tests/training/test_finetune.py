@@ -209,6 +209,10 @@ def test_a_resume_with_other_shards_is_refused_and_the_state_file_kept(tiny_shar
   again = run.Finetuner(tiny_config(tiny_shards, tmp_path / "o", max_steps=3),
                         tf.distribute.get_strategy())
   assert again.resumed and state.read_text() == first     # max_steps differs: not rewritten
+  # the classes the first start counted, now given, are the same run (found in review)
+  same = run.Finetuner(tiny_config(tiny_shards, tmp_path / "o", num_classes=again.num_classes),
+                       tf.distribute.get_strategy())
+  assert same.resumed and same.num_classes == again.num_classes
   train, _ = patterns(tiny_shards)
   with pytest.raises(UserError, match=r"finetune.json: this run started with --val_pattern=.*"
                                       r"a new --output_dir"):
