@@ -262,8 +262,8 @@ def table(record) -> str:
       d = paired(record, arm, other, seeds, view)
       if d:
         n = max(v["n"] for v in d.values())
-        cells = [f"{v['mean']:+.2f} ± {v['se']:.2f}{' **' if v['beyond'] else ''}"
-                 for v in (d[l] for l in LAYERS)]
+        cells = [f"{v['mean']:+.2f}" + (f" ± {v['se']:.2f}" if v["n"] > 1 else "")
+                 + (" **" if v["beyond"] else "") for v in (d[l] for l in LAYERS)]
         lines.append(f"| {arm} − {other} | {n} | " + " | ".join(cells) + " |")
     lines.append("")
   fig = [(name, "fig3-" + name.replace(" ", "").replace("/", "of")) for name in FIG3]
