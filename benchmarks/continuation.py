@@ -283,13 +283,13 @@ def table(record) -> str:
 
 
 def plot(record, path):
-  """Per view: each trunk's margin over the twin per layer (mean, bars: sd over seeds), and
-  the small Fig. 3's conv13 and best-layer margins."""
+  """Per view: each trunk's margin over the twin per layer (mean, bars: sd over seeds); then
+  the small Fig. 3's conv13 and best-layer margins against the pool's share and the clusters."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   seeds = seeds_of(record)
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
   for ax, view in zip(axes, VIEWS):
     for i, run in enumerate(["start", *ARMS]):
       per = [m for s in seeds if (m := margins(record, f"{run}-s{s}", s, view))]
@@ -301,22 +301,26 @@ def plot(record, path):
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(LAYERS)), LAYERS)
     ax.set_title(f"{view}: top-1 over the random twin")
-    ax.set_ylabel("points")
+    ax.set_ylabel("points (mean, bars: sd over seeds)")
     ax.legend(fontsize=8)
-  ax = axes[2]
-  names = ["pool 1/4", "pool 1/2", "pool all, k", "k/4", "4k"]
-  runs = ["fig3-pool1of4", "fig3-pool1of2", "deepercluster-s0", "fig3-kof4", "fig3-4k"]
-  for view, marker in zip(VIEWS, "os"):
-    for layer, style in (("conv13", "-"), ("best", "--")):
-      ys = []
-      for run in runs:
-        m = margins(record, run, 0, view)
-        ys.append(np.nan if m is None else (max(m.values()) if layer == "best" else m[layer]))
-      ax.plot(range(len(runs)), ys, style, marker=marker, label=f"{view}, {layer}")
-  ax.axhline(0, color="grey", lw=0.8)
-  ax.set_xticks(range(len(runs)), names)
-  ax.set_title("Fig. 3 in small: DeeperCluster continued, seed 0")
-  ax.legend(fontsize=8)
+  # The small Fig. 3: one axis for the pool, one for the clusters; seed 0's arm is both middles.
+  for ax, (axis, runs) in zip(axes[2:], (
+      ("share of the pool", {0.25: "fig3-pool1of4", 0.5: "fig3-pool1of2", 1: "deepercluster-s0"}),
+      ("clusters (x the preset's m x k)", {0.25: "fig3-kof4", 1: "deepercluster-s0", 4: "fig3-4k"}))):
+    for view, marker in zip(VIEWS, "os"):
+      for layer, style in (("conv13", "-"), ("best", "--")):
+        xs, ys = [], []
+        for x, run in runs.items():
+          if (m := margins(record, run, 0, view)) is not None:
+            xs.append(x)
+            ys.append(max(m.values()) if layer == "best" else m[layer])
+        ax.plot(xs, ys, style, marker=marker, label=f"{view}, {layer} layer")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(runs), [f"{x:g}" for x in runs])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel(axis)
+    ax.set_title("DeeperCluster continued, seed 0 (Fig. 3)")
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
