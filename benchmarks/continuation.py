@@ -10,6 +10,7 @@ clusters. Here, on flags/continuation.cfg (its header says which set chose what)
        deepercluster  DeeperCluster continued (m = 2 x k = 40, T = 2, clustering from epoch 0),
        deepcluster    DeepCluster continued (m = 1 x k = 80, no rotations: 4x the images an
                       epoch, so the same examples a step and the same steps);
+     and, with --arms=deepercluster_4k, DeeperCluster continued with 4x the clusters (k = 160);
   3. every trunk, the start and the random-init twin of its seed scored per layer (conv13
      included) by `evaluate.py`'s fast probe (PROBE below) on two views of
      benchmarks/heldout.py: the selection split (40 classes outside the pool's 20; fit on 4,000
@@ -53,7 +54,10 @@ PROBE = ("evaluate.py --probe=fast: Adam logistic regression on frozen, average-
          f"centre-crop features, {PROBE_EPOCHS} epochs, per layer")
 ARMS = {"rotnet": ["--mode=rotnet"],
         "deepercluster": [],
-        "deepcluster": ["--mode=deepcluster", "--m=1", "--k=80", "--epoch_size=20000"]}
+        "deepcluster": ["--mode=deepcluster", "--m=1", "--k=80", "--epoch_size=20000"],
+        # not in the default --arms: the one lever the small Fig. 3 moved (4x the clusters)
+        "deepercluster_4k": ["--k=160"]}
+DEFAULT_ARMS = "rotnet,deepercluster,deepcluster"
 FIG3 = {"pool 1/4": ["--data_pattern=data/train-00000-of-00004.tfrecord"],
         "pool 1/2": ["--data_pattern=data/train-0000[0-1]-of-00004.tfrecord"],
         "k/4": ["--k=10"],
@@ -258,7 +262,8 @@ def table(record) -> str:
               "|---|---|" + "---|" * len(LAYERS)]
     for arm, other in (("deepercluster", "rotnet"), ("deepcluster", "rotnet"),
                        ("deepercluster", "deepcluster"), ("rotnet", "start"),
-                       ("deepercluster", "start")):
+                       ("deepercluster", "start"), ("deepercluster_4k", "rotnet"),
+                       ("deepercluster_4k", "deepercluster")):
       d = paired(record, arm, other, seeds, view)
       if d:
         n = max(v["n"] for v in d.values())
@@ -329,7 +334,7 @@ def plot(record, path):
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {list(ARMS)}")
+  p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {list(ARMS)}")
   p.add_argument("--fig3", action=argparse.BooleanOptionalAction, default=True,
                  help="also the small Fig. 3 (seed 0), after the seeds")
   p.add_argument("--max_minutes", type=float, default=0,
